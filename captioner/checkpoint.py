@@ -1,0 +1,71 @@
+"""One-file checkpoints: weights, config and vocabulary as plain tensors, dicts and lists.
+
+Everything in the file loads with `torch.load(weights_only=True)`: no pickled
+classes, so loading a checkpoint never runs code. Pretrained encoder weights that
+come from torchvision or a package are referenced by the encoder's name in the
+config, not copied; only a fine-tuned encoder's weights are stored.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import torch
+
+FORMAT = "captioner-checkpoint/1"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def save(path: str | Path, *, config: dict, vocab: dict, decoder: dict, encoder: dict | None = None,
+         train_state: dict | None = None, half: bool = False) -> None:
+    """Write atomically (temp file + rename): a crash never leaves a torn checkpoint.
+
+    half=True stores floating weights as fp16 (the shipped model: half the size);
+    `load` returns them as fp32.
+    """
+    def maybe_half(sd):
+        return {k: (t.half() if half and t.is_floating_point() else t) for k, t in sd.items()}
+
+    payload = {"format": FORMAT, "config": config, "vocab": vocab, "decoder": maybe_half(decoder)}
+    if encoder is not None:
+        payload["encoder"] = maybe_half(encoder)
+    if train_state is not None:
+        payload["train_state"] = train_state
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path} holds pickled Python objects, which captioner refuses to load "
+            f"(loading them could run arbitrary code): {str(e).splitlines()[0]}"
+        ) from None
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint: {e}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a captioner checkpoint (expected format {FORMAT!r})")
+    for key in ("decoder", "encoder"):
+        if key in payload:
+            payload[key] = {k: (t.float() if t.is_floating_point() else t) for k, t in payload[key].items()}
+    return payload

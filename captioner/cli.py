@@ -1,0 +1,97 @@
+"""Command line: `captioner <command> ...`. Every command that captions goes through inference.Captioner."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _checkpoint_arg(p):
+    p.add_argument("--checkpoint", "-c", default=None, help="checkpoint file (default: the shipped model)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")
+
+
+def _decode_args(p):
+    p.add_argument("--beam", type=int, default=None, help="beam size (1 = greedy; default: the model's)")
+    p.add_argument("--max-len", type=int, default=None, help="longest caption in words")
+    p.add_argument("--length-penalty", choices=["none", "avg", "wu"], default=None)
+
+
+def cmd_caption(args):
+    from .images import ImageError
+    from .inference import Captioner
+
+    cap = Captioner.load(args.checkpoint, device=args.device)
+    failed = 0
+    for path in args.images:
+        try:
+            result = cap.caption(path, beam_size=args.beam, max_len=args.max_len, n_best=args.n_best,
+                                 length_penalty=args.length_penalty)
+        except ImageError as e:
+            failed += 1
+            print(json.dumps({"image": path, "error": str(e)}) if args.json else f"{path}\terror: {e}",
+                  file=sys.stdout if args.json else sys.stderr)
+            continue
+        for r in result if isinstance(result, list) else [result]:
+            print(json.dumps({"image": path, **r}) if args.json else f"{path}\t{r['caption']}")
+    return 1 if failed else 0
+
+
+def cmd_extract_features(args):
+    from .config import load_config
+    from .train import extract_all
+
+    extract_all(load_config(args.config, args.overrides), batch_size=args.batch_size, num_workers=args.workers)
+    return 0
+
+
+def cmd_train(args):
+    from .config import load_config
+    from .train import train
+
+    train(load_config(args.config, args.overrides), resume=args.resume)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="captioner", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("caption", help="caption images")
+    p.add_argument("images", nargs="+", help="image files")
+    _checkpoint_arg(p)
+    _decode_args(p)
+    p.add_argument("--n-best", type=int, default=1, help="print the N best captions per image")
+    p.add_argument("--json", action="store_true", help='JSON lines: {"image", "caption", "score"}')
+    p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("extract-features", help="cache encoder features of the train and dev splits")
+    p.add_argument("--config", required=True)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.set_defaults(func=cmd_extract_features)
+
+    p = sub.add_parser("train", help="train a decoder (also under torchrun for DDP)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--resume", action="store_true", help="continue from out_dir/last.pt")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv=None) -> int:
+    from .checkpoint import CheckpointError
+    from .encoders import WeightsUnavailable
+    from .features import StaleCache
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CheckpointError, WeightsUnavailable, StaleCache, FileNotFoundError, ValueError) as e:
+        print(f"captioner {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

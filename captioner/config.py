@@ -1,0 +1,125 @@
+"""Experiment configuration: plain dataclasses loaded from one YAML file per experiment.
+
+The whole `Config` is saved inside every checkpoint (as a dict), so a checkpoint
+always says how it was made.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = "efficientnet_lite0"  # a name in captioner.encoders.ENCODERS
+    pretrained: bool = True  # False: random encoder weights (tests)
+    finetune_encoder: bool = False  # True: images on the fly, encoder trained too
+    cell: str = "lstm"  # lstm | gru | rnn
+    inject: str = "every"  # every: W_iv·v in every step's gates; init: v only sets h0/c0
+    embed_dim: int = 512
+    hidden_dim: int = 512
+    num_layers: int = 1
+    feature_proj: int = 0  # >0: v is first projected to this size (Linear+ReLU)
+    dropout: float = 0.5
+    feature_dropout: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    format: str = "flickr8k"  # flickr8k | karpathy | coco
+    root: str = "../shared/data/flickr8k"  # Flickr8k folder, or the annotation JSON
+    images: str | None = None  # image folder (karpathy / coco)
+    train_split: str = "train"
+    dev_split: str = "dev"
+    dev_annotations: str | None = None  # coco: the dev split's own captions JSON
+    min_count: int = 5  # words seen fewer times become <unk>
+    max_caption_len: int = 30  # training captions are cut to this many words
+    feature_cache: str = "cache/features"  # where extract-features writes v per image
+    feature_dtype: str = "float16"
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.0
+    grad_clip: float = 5.0
+    schedule: str = "cosine"  # cosine | step | constant
+    warmup_steps: int = 0
+    step_size: int = 5  # epochs, for schedule=step
+    gamma: float = 0.5
+    patience: int = 4  # epochs without a dev BLEU-4 gain before stopping
+    num_workers: int = 0
+    max_steps: int = 0  # >0: stop after this many optimizer steps (tests, smoke runs)
+    dev_images: int = 0  # >0: early-stop on this many dev images (faster epochs)
+    log_every: int = 50
+
+
+@dataclass
+class DecodeConfig:
+    """Decoding defaults stored with the model; every call may override them."""
+
+    beam_size: int = 3
+    max_len: int = 20
+    length_penalty: str = "none"  # none | avg | wu
+    alpha: float = 0.7  # exponent for the Wu et al. penalty
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        d = d or {}
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown config section(s): {sorted(unknown)}")
+        return cls(**{f.name: _section(f.type, f.name, d.get(f.name) or {}) for f in dataclasses.fields(cls)})
+
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "decode": DecodeConfig}
+
+
+def _section(_type, name: str, values: dict):
+    klass = _SECTIONS[name]
+    known = {f.name for f in dataclasses.fields(klass)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown key(s) in config section '{name}': {sorted(unknown)}; known: {sorted(known)}")
+    return klass(**values)
+
+
+def apply_overrides(d: dict, overrides: list[str]) -> dict:
+    """Apply `section.key=value` overrides; values are parsed as YAML scalars."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ValueError(f"override {item!r} is not of the form section.key=value")
+        section, name = key.split(".", 1)
+        d.setdefault(section, {})[name] = yaml.safe_load(value)
+    return d
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    d = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        d = yaml.safe_load(path.read_text()) or {}
+    return Config.from_dict(apply_overrides(d, list(overrides)))

@@ -1,0 +1,83 @@
+"""Recurrent caption decoder: embedding -> LSTM/GRU/RNN -> linear over the vocabulary.
+
+With inject="every" the image feature v enters every step's gates through its own
+input weights: the cell's input at step t is [x_t; v], so the fused input matrix
+W_ih·[x_t; v] = W_x·x_t + W_iv·v, and the whole sequence is one nn.LSTM call (no
+Python loop over time). W_iv is the last `feat_dim` columns of `rnn.weight_ih_l0`.
+With inject="init" (Show and Tell / cs231n) v only sets the initial state.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, feature_dim: int):
+        super().__init__()
+        if cfg.cell not in CELLS:
+            raise ValueError(f"unknown cell {cfg.cell!r}; choose from {sorted(CELLS)}")
+        if cfg.inject not in ("every", "init"):
+            raise ValueError(f"unknown inject {cfg.inject!r}; choose 'every' or 'init'")
+        self.cell, self.inject, self.num_layers = cfg.cell, cfg.inject, cfg.num_layers
+        self.proj = nn.Sequential(nn.Linear(feature_dim, cfg.feature_proj), nn.ReLU()) if cfg.feature_proj else nn.Identity()
+        self.feat_dim = cfg.feature_proj or feature_dim
+        self.feature_dropout = nn.Dropout(cfg.feature_dropout)
+        self.embed = nn.Embedding(vocab_size, cfg.embed_dim, padding_idx=0)
+        rnn_in = cfg.embed_dim + (self.feat_dim if cfg.inject == "every" else 0)
+        self.rnn = CELLS[cfg.cell](rnn_in, cfg.hidden_dim, cfg.num_layers, batch_first=True,
+                                   dropout=cfg.dropout if cfg.num_layers > 1 else 0.0)
+        if cfg.inject == "init":
+            n_states = 2 if cfg.cell == "lstm" else 1
+            self.init_state = nn.Linear(self.feat_dim, n_states * cfg.num_layers * cfg.hidden_dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.out = nn.Linear(cfg.hidden_dim, vocab_size)
+
+    def features(self, feats: torch.Tensor) -> torch.Tensor:
+        """v as the cell sees it (dropout and the optional projection applied)."""
+        return self.proj(self.feature_dropout(feats))
+
+    def initial_state(self, v: torch.Tensor):
+        if self.inject == "every":
+            return None  # zeros: the image arrives through W_iv at every step
+        B, L, H = v.shape[0], self.num_layers, self.rnn.hidden_size
+        s = torch.tanh(self.init_state(v)).view(B, -1, L, H).permute(1, 2, 0, 3).contiguous()
+        return (s[0], s[1]) if self.cell == "lstm" else s[0]
+
+    def _run(self, v: torch.Tensor, tokens: torch.Tensor, state):
+        x = self.dropout(self.embed(tokens))
+        if self.inject == "every":
+            x = torch.cat([x, v.unsqueeze(1).expand(-1, x.shape[1], -1)], dim=2)
+        h, state = self.rnn(x, state)
+        return self.out(self.dropout(h)), state
+
+    def forward(self, feats: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: tokens (B, T) start with <start>; returns logits (B, T, V) for the next words."""
+        v = self.features(feats)
+        logits, _ = self._run(v, tokens, self.initial_state(v))
+        return logits
+
+    def step(self, v: torch.Tensor, tokens: torch.Tensor, state):
+        """One decoding step for search: v already passed through `features`; tokens (N,)."""
+        logits, state = self._run(v, tokens.unsqueeze(1), state)
+        return logits.squeeze(1).float().log_softmax(-1), state
+
+
+def reorder_state(state, index: torch.Tensor):
+    """Pick rows of a recurrent state (beam search bookkeeping); batch is dim 1."""
+    if state is None:
+        return None
+    if isinstance(state, tuple):
+        return tuple(s.index_select(1, index) for s in state)
+    return state.index_select(1, index)
+
+
+def caption_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy over real words only: padding (id 0) is ignored."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=0, label_smoothing=label_smoothing)

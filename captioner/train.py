@@ -1,0 +1,260 @@
+"""Training: teacher forcing on cached features (or images, when fine-tuning the encoder).
+
+    captioner train --config configs/flickr8k_lite0.yaml [section.key=value ...]
+    torchrun --nproc_per_node 2 -m captioner.cli train --config ...     # DistributedDataParallel
+
+Each epoch: masked cross-entropy with Adam, gradient clipping and a per-step LR
+schedule; then dev BLEU-4 on decoded captions (beam search, not teacher forcing)
+decides `best.pt` and early stopping. `last.pt` carries optimizer, scheduler, RNG
+and epoch so `--resume` continues exactly where the run stopped.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from tqdm import tqdm
+
+from . import checkpoint
+from .config import Config
+from .data import CaptionDataset, collate, load_split
+from .decoder import Decoder, caption_loss
+from .encoders import build_encoder
+from .features import ImageFiles, extract, open_features
+from .inference import Captioner, resolve_device
+from .metrics import bleu
+from .vocab import Vocab
+
+
+def extract_all(cfg: Config, batch_size: int = 64, num_workers: int = 2) -> None:
+    """Cache encoder features of the train and dev splits (resumable)."""
+    encoder = build_encoder(cfg.model.encoder, cfg.model.pretrained)
+    device = resolve_device(cfg.train.device)
+    for split in (cfg.data.train_split, cfg.data.dev_split):
+        extract(encoder, load_split(cfg.data, split), cfg.data.feature_cache, split, batch_size=batch_size,
+                num_workers=num_workers, dtype=cfg.data.feature_dtype, device=device)
+
+
+class Trainable(nn.Module):
+    """What the optimizer sees: the decoder, plus the encoder when it is fine-tuned."""
+
+    def __init__(self, decoder: Decoder, encoder: nn.Module | None):
+        super().__init__()
+        self.decoder, self.encoder = decoder, encoder
+
+    def forward(self, inputs, tokens):
+        feats = self.encoder(inputs) if self.encoder is not None else inputs
+        return self.decoder(feats, tokens)
+
+
+def lr_lambda(cfg, total_steps: int):
+    t = cfg.train
+
+    def f(step):
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        if t.schedule == "cosine":
+            progress = (step - t.warmup_steps) / max(1, total_steps - t.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if t.schedule == "step":
+            return t.gamma ** (step // (t.step_size * max(1, total_steps // max(1, t.epochs))))
+        if t.schedule == "constant":
+            return 1.0
+        raise ValueError(f"unknown schedule {t.schedule!r}; choose cosine, step or constant")
+
+    return f
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+            "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate((3, tuple(s["python"]), None))
+    np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
+
+
+def evaluate_bleu(captioner: Captioner, feats, examples, batch_size: int = 500) -> dict[str, float]:
+    """Dev BLEU of decoded captions (the model's own decoding settings), not teacher-forced."""
+    hyps = []
+    for i in range(0, len(examples), batch_size):
+        batch = torch.as_tensor(np.asarray(feats[i:i + batch_size]))
+        hyps += [captioner.vocab.decode(h[0].tokens) for h in captioner.decode(batch)]
+    return bleu(hyps, [ex.captions for ex in examples])
+
+
+def _plot(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, ax1 = plt.subplots(figsize=(6, 3.5))
+    ax1.plot(epochs, [h["train_loss"] for h in history], "o-", label="train loss")
+    ax1.plot(epochs, [h["dev_loss"] for h in history], "s-", label="dev loss")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("cross-entropy")
+    ax2 = ax1.twinx()
+    ax2.plot(epochs, [h["bleu4"] for h in history], "^-", color="tab:green", label="dev BLEU-4")
+    ax2.set_ylabel("dev BLEU-4")
+    fig.legend(loc="upper center", ncol=3, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def train(cfg: Config, resume: bool = False) -> Trainable:
+    t = cfg.train
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = resolve_device(t.device)
+    if distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    rank = dist.get_rank() if distributed else 0
+    main = rank == 0
+    out = Path(t.out_dir)
+    random.seed(t.seed)
+    np.random.seed(t.seed)
+    torch.manual_seed(t.seed)
+
+    train_ex = [ex for ex in load_split(cfg.data, cfg.data.train_split)]
+    dev_ex = load_split(cfg.data, cfg.data.dev_split)
+    if t.dev_images:
+        dev_ex = dev_ex[: t.dev_images]
+    state = checkpoint.load(out / "last.pt") if resume else None
+    vocab = Vocab.from_dict(state["vocab"]) if state else Vocab.build(
+        (c for ex in train_ex for c in ex.captions), cfg.data.min_count)
+
+    finetune = cfg.model.finetune_encoder
+    encoder = build_encoder(cfg.model.encoder, cfg.model.pretrained, trainable=finetune)
+    if finetune:
+        train_src, dev_src = ImageFiles(train_ex, encoder.transform), ImageFiles(dev_ex, encoder.transform)
+    else:
+        train_src = open_features(cfg.data.feature_cache, cfg.data.train_split, train_ex, encoder.name)
+        dev_src = open_features(cfg.data.feature_cache, cfg.data.dev_split, load_split(cfg.data, cfg.data.dev_split),
+                                encoder.name)[: len(dev_ex)]
+    decoder = Decoder(cfg.model, len(vocab), encoder.dim)
+    model = Trainable(decoder, encoder if finetune else None).to(device)
+    if state:
+        decoder.load_state_dict(state["decoder"])
+        if finetune:
+            encoder.load_state_dict(state["encoder"])
+    ddp_model = nn.parallel.DistributedDataParallel(model) if distributed else model
+
+    train_set = CaptionDataset(train_ex, vocab, train_src, cfg.data.max_caption_len)
+    dev_set = CaptionDataset(dev_ex, vocab, dev_src, cfg.data.max_caption_len)
+    sampler = (DistributedSampler(train_set, seed=t.seed) if distributed
+               else RandomSampler(train_set, generator=torch.Generator()))
+    loader = DataLoader(train_set, batch_size=t.batch_size, sampler=sampler, collate_fn=collate,
+                        num_workers=t.num_workers, drop_last=distributed)
+    dev_loader = DataLoader(dev_set, batch_size=512, collate_fn=collate)
+    total_steps = t.epochs * len(loader) if not t.max_steps else t.max_steps
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=t.lr,
+                                 weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+
+    first_epoch, best, bad_epochs, step, history = 1, -1.0, 0, 0, []
+    if state:
+        ts = state["train_state"]
+        optimizer.load_state_dict(ts["optimizer"])
+        scheduler.load_state_dict(ts["scheduler"])
+        _set_rng_state(ts["rng"])
+        first_epoch, best, bad_epochs, step = ts["epoch"] + 1, ts["best"], ts["bad_epochs"], ts["step"]
+        history = json.loads(ts["history"])
+    writer = _tensorboard(out) if main else None
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"train: {len(train_ex)} images, {len(train_set)} captions; dev: {len(dev_ex)} images; "
+              f"vocab {len(vocab)}; decoder {sum(p.numel() for p in decoder.parameters()) / 1e6:.2f}M params")
+
+    for epoch in range(first_epoch, t.epochs + 1):
+        if bad_epochs >= t.patience or (t.max_steps and step >= t.max_steps):
+            break
+        model.train()
+        if encoder is not None and not finetune:
+            encoder.eval()
+        if distributed:
+            sampler.set_epoch(epoch)
+        else:
+            sampler.generator.manual_seed(t.seed + epoch)  # data order depends only on (seed, epoch)
+        tic, total, count = time.time(), 0.0, 0
+        bar = tqdm(loader, desc=f"epoch {epoch}", disable=not main, leave=False)
+        for inputs, tokens, targets in bar:
+            loss = caption_loss(ddp_model(inputs.to(device), tokens.to(device)), targets.to(device),
+                                t.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            total, count = total + loss.item(), count + 1
+            if step % t.log_every == 0:
+                bar.set_postfix(loss=f"{total / count:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if t.max_steps and step >= t.max_steps:
+                break
+        record = {"epoch": epoch, "step": step, "train_loss": total / max(1, count), "lr": scheduler.get_last_lr()[0],
+                  "epoch_seconds": round(time.time() - tic, 1)}
+        improved = False
+        if main:
+            model.eval()
+            with torch.inference_mode():
+                dev_losses = [caption_loss(model(x.to(device), y.to(device)), z.to(device)).item()
+                              for x, y, z in dev_loader]
+            record["dev_loss"] = float(np.mean(dev_losses))
+            captioner = Captioner(encoder, decoder, vocab, cfg, device)
+            if finetune:
+                with torch.inference_mode():
+                    dev_feats = torch.cat([captioner.encode(x) for x, _, _ in
+                                           DataLoader(ImageFiles(dev_ex, encoder.transform), batch_size=64)])
+            else:
+                dev_feats = dev_src
+            record.update(evaluate_bleu(captioner, dev_feats, dev_ex))
+            improved = record["bleu4"] > best
+            best, bad_epochs = (record["bleu4"], 0) if improved else (best, bad_epochs + 1)
+            history.append(record)
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}))
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if writer:
+                for k, v in record.items():
+                    writer.add_scalar(k, v, epoch)
+            _plot(history, out / "curve.png")
+            payload = dict(config=cfg.to_dict(), vocab=vocab.to_dict(), decoder=decoder.state_dict(),
+                           encoder=encoder.state_dict() if finetune else None)
+            if improved:
+                checkpoint.save(out / "best.pt", **payload)
+            train_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                           "rng": _rng_state(), "epoch": epoch, "best": best, "bad_epochs": bad_epochs,
+                           "step": step, "history": json.dumps(history)}
+            checkpoint.save(out / "last.pt", **payload, train_state=train_state)
+        if distributed:  # every rank follows rank 0's early-stopping decision
+            flag = torch.tensor([bad_epochs], device=device)
+            dist.broadcast(flag, 0)
+            bad_epochs = int(flag.item())
+    if main and writer:
+        writer.close()
+    if distributed:
+        dist.destroy_process_group()
+    return model
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(out / "tb"))
