@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -119,11 +120,14 @@ class CaptionDataset(Dataset):
 
     def __getitem__(self, idx):
         i, ids = self.pairs[idx]
-        return self.source[i], torch.tensor(ids)
+        x = self.source[i]
+        if isinstance(x, np.ndarray):  # a cached feature row (fp16, read-only memmap)
+            x = torch.from_numpy(x.astype(np.float32))
+        return x, torch.tensor(ids)
 
 
 def collate(batch):
     """Stack image inputs; pad token ids with 0 (<pad>). Returns (inputs, tokens_in, targets)."""
     inputs, seqs = zip(*batch)
     tokens = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=0)
-    return torch.stack([torch.as_tensor(x) for x in inputs]).float(), tokens[:, :-1], tokens[:, 1:]
+    return torch.stack(inputs), tokens[:, :-1], tokens[:, 1:]

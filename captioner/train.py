@@ -89,7 +89,7 @@ def evaluate_bleu(captioner: Captioner, feats, examples, batch_size: int = 500) 
     """Dev BLEU of decoded captions (the model's own decoding settings), not teacher-forced."""
     hyps = []
     for i in range(0, len(examples), batch_size):
-        batch = torch.as_tensor(np.asarray(feats[i:i + batch_size]))
+        batch = torch.as_tensor(np.array(feats[i:i + batch_size], dtype=np.float32))
         hyps += [captioner.vocab.decode(h[0].tokens) for h in captioner.decode(batch)]
     return bleu(hyps, [ex.captions for ex in examples])
 

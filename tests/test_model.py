@@ -1,0 +1,235 @@
+"""Decoder, search, vocab, checkpoints and encoders: the core contract."""
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from captioner import checkpoint
+from captioner.config import ModelConfig
+from captioner.decoder import Decoder, caption_loss
+from captioner.encoders import WeightsUnavailable, build_encoder
+from captioner.search import beam_search, greedy, sample
+from captioner.vocab import Vocab, tokenize
+
+
+def small_decoder(**kw) -> Decoder:
+    torch.manual_seed(0)
+    return Decoder(ModelConfig(embed_dim=16, hidden_dim=24, dropout=0.0, **kw), vocab_size=30, feature_dim=12)
+
+
+# -- the image matters --------------------------------------------------------------------
+
+def test_gradient_reaches_image_input_weights():
+    dec = small_decoder()
+    feats, tokens = torch.randn(4, 12), torch.randint(4, 30, (4, 7))
+    caption_loss(dec(feats, tokens), torch.randint(4, 30, (4, 7))).backward()
+    w_iv_grad = dec.rnn.weight_ih_l0.grad[:, dec.embed.embedding_dim:]  # the columns that multiply v
+    assert w_iv_grad.shape == (4 * 24, 12)
+    assert w_iv_grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("inject", ["every", "init"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_different_images_give_different_logits_at_every_step(cell, inject):
+    dec = small_decoder(cell=cell, inject=inject).eval()
+    tokens = torch.randint(4, 30, (1, 6)).expand(2, -1)
+    logits = dec(torch.randn(2, 12), tokens)
+    assert logits.shape == (2, 6, 30)
+    per_step_diff = (logits[0] - logits[1]).abs().amax(dim=-1)
+    assert (per_step_diff > 1e-4).all()
+
+
+def test_every_step_injection_is_one_fused_call_equal_to_separate_weights():
+    """W_ih·[x; v] == W_x·x + W_iv·v: the fused input matrix really is two weight blocks."""
+    dec = small_decoder().eval()
+    feats, tokens = torch.randn(3, 12), torch.randint(4, 30, (3, 5))
+    x = dec.embed(tokens)
+    E = x.shape[-1]
+    W, b = dec.rnn.weight_ih_l0, dec.rnn.bias_ih_l0
+    fused = torch.cat([x, feats[:, None].expand(-1, 5, -1)], -1) @ W.T + b
+    separate = x @ W[:, :E].T + (feats @ W[:, E:].T)[:, None] + b
+    torch.testing.assert_close(fused, separate)
+
+
+def test_loss_ignores_padding():
+    logits = torch.randn(2, 4, 30)
+    targets = torch.tensor([[5, 6, 2, 0], [7, 2, 0, 0]])
+    changed = logits.clone()
+    changed[0, 3] += 100
+    changed[1, 2:] -= 50
+    assert torch.equal(caption_loss(logits, targets), caption_loss(changed, targets))
+
+
+# -- search ------------------------------------------------------------------------------
+
+def _search_inputs(captioner, n=8):
+    files = sorted(captioner_dir(captioner).glob("*.jpg"))
+    pixels = torch.stack([captioner.preprocess(p) for p in files[:: max(1, len(files) // n)][:n]])  # all classes
+    return captioner.encode(pixels)
+
+
+def captioner_dir(captioner):
+    from pathlib import Path
+    return Path(captioner.config.data.root) / "Flicker8k_Dataset"
+
+
+def ids(cap):
+    return dict(start=cap.vocab.start, end=cap.vocab.end, banned=(0, cap.vocab.start, cap.vocab.unk))
+
+
+@pytest.mark.parametrize("penalty", ["none", "avg", "wu"])
+def test_batched_beam_search_equals_one_image_at_a_time(captioner, tiny_data, penalty):
+    feats = _search_inputs(captioner)
+    kw = dict(beam_size=4, max_len=10, n_best=3, length_penalty=penalty, **ids(captioner))
+    batched = beam_search(captioner.decoder, feats, **kw)
+    single = [beam_search(captioner.decoder, feats[i:i + 1], **kw)[0] for i in range(len(feats))]
+    assert [[h.tokens for h in hs] for hs in batched] == [[h.tokens for h in hs] for hs in single]
+    for b, s in zip(batched, single):
+        torch.testing.assert_close([h.score for h in b], [h.score for h in s], atol=1e-5, rtol=0)
+    # the trained model is not degenerate: different shapes get different best captions
+    assert len({tuple(hs[0].tokens) for hs in batched}) >= 3
+    for hs in batched:  # n-best come sorted, best first
+        assert [h.score for h in hs] == sorted((h.score for h in hs), reverse=True)
+
+
+def test_beam_size_one_is_exactly_greedy(captioner):
+    feats = _search_inputs(captioner)
+    g = greedy(captioner.decoder, feats, max_len=10, **ids(captioner))
+    b = beam_search(captioner.decoder, feats, beam_size=1, max_len=10, **ids(captioner))
+    assert [h[0].tokens for h in g] == [h[0].tokens for h in b]
+    torch.testing.assert_close([h[0].score for h in g], [h[0].score for h in b])
+
+
+def test_beam_never_emitting_end_returns_max_len_captions(captioner):
+    feats = _search_inputs(captioner, 3)
+    banned = (0, captioner.vocab.start, captioner.vocab.end)  # <end> can never be chosen
+    out = beam_search(captioner.decoder, feats, start=captioner.vocab.start, end=captioner.vocab.end,
+                      beam_size=3, max_len=7, n_best=3, banned=banned)
+    for hs in out:
+        assert len(hs) == 3
+        assert all(len(h.tokens) == 7 and torch.isfinite(torch.tensor(h.score)) for h in hs)
+
+
+def test_beam_wider_than_vocabulary_still_returns_valid_hypotheses():
+    dec = small_decoder().eval()
+    feats = torch.randn(2, 12)
+    out = beam_search(dec, feats, start=1, end=2, beam_size=30, max_len=3, n_best=30, banned=(0, 1, 3))
+    for hs in out:
+        assert 1 <= len(hs) <= 30
+        assert all(torch.isfinite(torch.tensor(h.score)) for h in hs)
+
+
+def test_sampling_is_reproducible_with_a_generator_and_varies_with_temperature(captioner):
+    feats = _search_inputs(captioner, 4)
+    run = lambda seed, temp: [h[0].tokens for h in sample(  # noqa: E731
+        captioner.decoder, feats, max_len=10, temperature=temp, generator=torch.Generator().manual_seed(seed),
+        **ids(captioner))]
+    assert run(1, 1.0) == run(1, 1.0)
+    hot = {tuple(t) for seed in range(8) for t in run(seed, 5.0)}
+    assert len(hot) > 4  # a hot temperature explores
+    with pytest.raises(ValueError):
+        run(0, 0.0)
+
+
+def test_unknown_length_penalty_is_rejected():
+    with pytest.raises(ValueError, match="length penalty"):
+        beam_search(small_decoder().eval(), torch.randn(1, 12), start=1, end=2, length_penalty="bogus")
+
+
+# -- vocabulary ---------------------------------------------------------------------------
+
+def test_vocab_round_trip_through_json_and_unknown_words():
+    v = Vocab.build(["A dog runs.", "a dog sits", "The cat's hat"], min_count=2)
+    assert v.itos[:4] == ["<pad>", "<start>", "<end>", "<unk>"] and v.pad == 0
+    again = Vocab.from_dict(json.loads(json.dumps(v.to_dict())))
+    assert again.itos == v.itos
+    ids_ = v.encode("a zebra dog")
+    assert ids_ == [v.start, v.stoi["a"], v.unk, v.stoi["dog"], v.end]
+    assert v.decode(ids_) == "a <unk> dog"
+
+
+def test_tokenize_lowercases_and_drops_punctuation():
+    assert tokenize("A man's dog, jumping!") == ["a", "man", "'s", "dog", "jumping"]
+
+
+# -- checkpoints --------------------------------------------------------------------------
+
+def test_checkpoint_round_trip_gives_identical_captions(captioner, tiny_data, tmp_path):
+    from captioner import Captioner
+
+    path = tmp_path / "copy.pt"
+    checkpoint.save(path, config=captioner.config.to_dict(), vocab=captioner.vocab.to_dict(),
+                    decoder=captioner.decoder.state_dict())
+    raw = torch.load(path, weights_only=True)  # plain data only
+    assert set(raw) >= {"config", "vocab", "decoder"} and "encoder" not in raw  # pretrained encoder: referenced
+    images = sorted((tiny_data / "Flicker8k_Dataset").glob("*.jpg"))[::5]
+    assert Captioner.load(path).caption(images, n_best=2) == captioner.caption(images, n_best=2)
+
+
+def test_half_precision_checkpoint_loads_as_float32(captioner, tmp_path):
+    path = tmp_path / "half.pt"
+    checkpoint.save(path, config=captioner.config.to_dict(), vocab=captioner.vocab.to_dict(),
+                    decoder=captioner.decoder.state_dict(), half=True)
+    sd = checkpoint.load(path)["decoder"]
+    assert all(t.dtype == torch.float32 for t in sd.values() if t.is_floating_point())
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_checkpoint_with_pickled_object_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": checkpoint.FORMAT, "config": {}, "vocab": {}, "decoder": {}, "x": Evil()}, path)
+    with pytest.raises(checkpoint.CheckpointError, match="pickled"):
+        checkpoint.load(path)
+    path.write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(checkpoint.CheckpointError):
+        checkpoint.load(path)
+
+
+def test_missing_checkpoint_says_how_to_train(monkeypatch, tmp_path):
+    from captioner import inference
+
+    monkeypatch.setattr(inference, "DEFAULT_CHECKPOINT", tmp_path / "nope.pt")
+    with pytest.raises(inference.ModelNotFound, match="captioner train --config"):
+        inference.Captioner.load()
+
+
+# -- encoders -----------------------------------------------------------------------------
+
+def test_vgg16_without_weights_names_the_file_and_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(WeightsUnavailable) as e:
+        build_encoder("vgg16")
+    assert "vgg16-397923af.pth" in str(e.value) and str(tmp_path) in str(e.value)
+
+
+def test_vgg16_fc7_is_4096_after_relu():
+    enc = build_encoder("vgg16", pretrained=False)
+    v = enc(torch.randn(1, 3, 224, 224))
+    assert v.shape == (1, 4096) and (v >= 0).all()
+    assert not any(p.requires_grad for p in enc.parameters())  # frozen by default
+
+
+def test_lite0_pretrained_features_tell_images_apart(tiny_data):
+    from captioner.images import load_image
+
+    enc = build_encoder("efficientnet_lite0")
+    files = sorted((tiny_data / "Flicker8k_Dataset").glob("*.jpg"))
+    x = torch.stack([enc.transform(load_image(f)) for f in (files[0], files[1], files[-1])])
+    with torch.inference_mode():
+        v = enc(x)
+    assert v.shape == (3, 1280)
+    same_class = torch.cosine_similarity(v[0], v[1], dim=0)
+    other_class = torch.cosine_similarity(v[0], v[2], dim=0)
+    assert same_class > other_class
+
+
+def test_unknown_encoder_is_rejected():
+    with pytest.raises(ValueError, match="unknown encoder"):
+        build_encoder("resnet9000")
