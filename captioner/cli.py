@@ -53,6 +53,24 @@ def cmd_train(args):
     return 0
 
 
+def cmd_demo(args):
+    from .inference import Captioner
+    from .ui import build_ui
+
+    build_ui(Captioner.load(args.checkpoint, device=args.device)).launch(server_name=args.host, server_port=args.port)
+    return 0
+
+
+def cmd_serve(args):
+    from .inference import Captioner
+    from .service import Limits, serve
+
+    given = dict(max_files=args.max_files, max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels)
+    limits = Limits(**{k: v for k, v in given.items() if v is not None})  # unset: the service's defaults
+    serve(Captioner.load(args.checkpoint, device=args.device), host=args.host, port=args.port, limits=limits)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="captioner", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,6 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from out_dir/last.pt")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="the Gradio demo in the browser")
+    _checkpoint_arg(p)
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 for every one)")
+    p.add_argument("--port", type=int, default=7860)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("serve", help="HTTP API (POST /v1/captions, docs at /docs) with the demo UI at /")
+    _checkpoint_arg(p)
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 for every one)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-files", type=int, help="images per request (default 16)")
+    p.add_argument("--max-upload-mb", type=float, help="request body limit (default 20)")
+    p.add_argument("--max-pixels", type=int, help="width x height limit of one image (default 40 million)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

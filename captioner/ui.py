@@ -1,0 +1,109 @@
+"""The Gradio demo: caption one photo (beam size, n-best list, max length) or several at once.
+
+`build_ui(captioner)` returns the Blocks app; `captioner demo` launches it alone,
+`captioner serve` mounts it at / next to the HTTP API.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# The demo must work offline: no telemetry or version check calls home.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+
+from .images import ImageError  # noqa: E402
+from .inference import Captioner  # noqa: E402
+
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "demo" / "examples"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+MAX_BEAM, MAX_N_BEST, MAX_LEN = 10, 5, 40
+
+
+def example_images(folder: Path = EXAMPLES_DIR) -> list[str]:
+    """The demo's example photos (none when the package is installed without the repo's demo/)."""
+    if not folder.is_dir():
+        return []
+    return sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def build_ui(captioner: Captioner, caption=None, examples: list[str] | None = None) -> gr.Blocks:
+    """The demo app around `captioner`.
+
+    caption(images: list, **decode_options) -> list of results runs the model; it
+    defaults to captioner.caption, called one request at a time. The HTTP service
+    passes its Batcher's caption instead, which is safe to call concurrently.
+    """
+    concurrency = 1 if caption is None else None
+    caption = caption or captioner.caption
+    defaults = captioner.config.decode
+    examples = example_images() if examples is None else examples
+
+    def caption_one(image, beam_size, n_best, max_len):
+        if image is None:
+            raise gr.Error("Upload an image first.")
+        beam_size, n_best = int(beam_size), min(int(n_best), int(beam_size))
+        try:
+            result = caption([image], beam_size=beam_size, n_best=n_best, max_len=int(max_len))[0]
+        except ImageError as e:
+            raise gr.Error(f"Cannot read this image: {e}") from None
+        hyps = result if n_best > 1 else [result]
+        return hyps[0]["caption"], [[h["caption"], h["score"]] for h in hyps]
+
+    def caption_many(files, beam_size, max_len):
+        if not files:
+            raise gr.Error("Upload one or more images first.")
+        options = dict(beam_size=int(beam_size), max_len=int(max_len))
+        try:
+            results = caption(files, **options)
+        except ImageError:  # find the unreadable ones, caption the rest
+            results = []
+            for f in files:
+                try:
+                    results += caption([f], **options)
+                except ImageError as e:
+                    results.append({"caption": f"error: {e}", "score": None})
+        names = [Path(f).name for f in files]
+        gallery = [(f, r["caption"]) for f, r in zip(files, results) if r["score"] is not None]
+        return gallery, [[n, r["caption"], r["score"]] for n, r in zip(names, results)]
+
+    with gr.Blocks(title="Image captioner", analytics_enabled=False) as ui:
+        gr.Markdown("# Image captioner\nA CNN encoder reads the photo; an LSTM decoder, given the image "
+                    "at every step, writes the caption. Beam search keeps the best few candidates.")
+        with gr.Tab("One image"):
+            with gr.Row():
+                with gr.Column():
+                    image = gr.Image(type="filepath", image_mode=None, label="Photo",
+                                     sources=["upload", "clipboard"], elem_id="photo")
+                    beam = gr.Slider(1, MAX_BEAM, value=defaults.beam_size, step=1, label="Beam size")
+                    n_best = gr.Slider(1, MAX_N_BEST, value=1, step=1, label="Captions shown (n-best, at most the beam size)")
+                    max_len = gr.Slider(3, MAX_LEN, value=min(defaults.max_len, MAX_LEN), step=1,
+                                        label="Max length (words)")
+                    run = gr.Button("Caption", variant="primary", elem_id="caption-button")
+                with gr.Column():
+                    best = gr.Textbox(label="Caption", elem_id="caption", interactive=False)
+                    table = gr.Dataframe(headers=["caption", "score (log-prob)"], label="N best",
+                                         interactive=False)
+            if examples:
+                gr.Examples(examples=[[p] for p in examples], inputs=[image], cache_examples=False)
+        with gr.Tab("Several images"):
+            with gr.Row():
+                with gr.Column():
+                    files = gr.File(file_count="multiple", file_types=["image"], label="Photos")
+                    beam_many = gr.Slider(1, MAX_BEAM, value=defaults.beam_size, step=1, label="Beam size")
+                    max_len_many = gr.Slider(3, MAX_LEN, value=min(defaults.max_len, MAX_LEN), step=1,
+                                             label="Max length (words)")
+                    run_many = gr.Button("Caption all", variant="primary")
+                with gr.Column():
+                    gallery = gr.Gallery(label="Captioned", columns=3)
+                    table_many = gr.Dataframe(headers=["file", "caption", "score"], interactive=False)
+
+        inputs = [image, beam, n_best, max_len]
+        run.click(caption_one, inputs, [best, table], api_name="caption", concurrency_limit=concurrency)
+        # A new photo (uploaded or an example clicked) is captioned at once; clearing it clears the output.
+        image.change(lambda im, *rest: caption_one(im, *rest) if im else ("", None), inputs, [best, table],
+                     api_visibility="private", concurrency_limit=concurrency)
+        run_many.click(caption_many, [files, beam_many, max_len_many], [gallery, table_many],
+                       api_name="caption_many", concurrency_limit=concurrency)
+    return ui

@@ -1,0 +1,97 @@
+"""The Gradio UI mounted at / by the service: its API via gradio_client, and the page in a real headless browser."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+from live_server import live_server
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def base_url(captioner):
+    from captioner.service import create_app
+
+    with live_server(create_app(captioner)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(base_url, tmp_path_factory):
+    from gradio_client import Client
+
+    return Client(base_url + "/", verbose=False, analytics_enabled=False,
+                  download_files=str(tmp_path_factory.mktemp("gradio_downloads")))
+
+
+def test_ui_api_captions_one_image_with_n_best(client, captioner, tiny_data):
+    from gradio_client import handle_file
+
+    photo = next((tiny_data / "Flicker8k_Dataset").glob("1*.jpg"))
+    best, table = client.predict(handle_file(str(photo)), 4, 3, 10, api_name="/caption")
+    expected = captioner.caption(photo, beam_size=4, n_best=3, max_len=10)
+    assert best == expected[0]["caption"]
+    assert [row[0] for row in table["data"]] == [e["caption"] for e in expected]
+
+
+def test_ui_api_captions_several_and_reports_bad_files(client, captioner, tiny_data, tmp_path):
+    from gradio_client import handle_file
+
+    photos = sorted((tiny_data / "Flicker8k_Dataset").glob("*.jpg"))[:3]
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"definitely not a jpeg")
+    files = [handle_file(str(p)) for p in [*photos, junk]]
+    gallery, table = client.predict(files, 3, 12, api_name="/caption_many")
+    rows = table["data"]
+    assert [r[0] for r in rows] == [p.name for p in photos] + ["junk.jpg"]
+    assert [r[1] for r in rows[:3]] == [captioner.caption(p, beam_size=3, max_len=12)["caption"] for p in photos]
+    assert rows[3][1].startswith("error:")
+    assert len(gallery) == 3
+
+
+def browser_or_reason():
+    """Launchable browser setup, or why not. Under CI (CI=true) a missing browser fails the test."""
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "python package playwright is not installed (pip install playwright)"
+    if not shutil.which(CHROMIUM):
+        return f"{CHROMIUM} not found (apt-get install -y chromium)"
+    return None
+
+
+def test_browser_uploads_a_photo_and_sees_its_caption(base_url, captioner):
+    reason = browser_or_reason()
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"browser test cannot run under CI: {reason}")
+        pytest.skip(reason)
+    from playwright.sync_api import expect, sync_playwright
+
+    photo = ROOT / "demo" / "examples" / "dog_on_grass.jpg"
+    expected = captioner.caption(photo)["caption"]
+    outside = []  # any request leaving loopback: the page must work offline
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on("request", lambda req: urlparse(req.url).hostname not in ("127.0.0.1", None)
+                    and req.url.startswith("http") and outside.append(req.url))
+            page.goto(base_url + "/", wait_until="networkidle")
+            page.locator("#photo input[type=file]").set_input_files(str(photo))
+            caption = page.locator("#caption textarea")
+            expect(caption).to_have_value(expected, timeout=60_000)
+            page.screenshot(path=str(ARTIFACTS / "ui_caption.png"), full_page=True)
+        finally:
+            browser.close()
+    assert outside == []
