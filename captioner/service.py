@@ -19,6 +19,7 @@ from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from PIL import Image
 from pydantic import BaseModel
 from starlette.datastructures import Headers
@@ -133,8 +134,9 @@ def create_app(captioner: Captioner, limits: Limits = Limits(), ui: bool = True)
         yield
         batcher.close()
 
-    app = FastAPI(title="captioner", version=__version__, lifespan=lifespan,
-                  description="Image captioning: POST images, get captions. The demo UI is at /.")
+    # FastAPIOffline serves the /docs page's scripts itself instead of from a CDN: it works offline.
+    app = FastAPIOffline(title="captioner", version=__version__, lifespan=lifespan,
+                         description="Image captioning: POST images, get captions. The demo UI is at /.")
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
 
     @app.exception_handler(RequestValidationError)

@@ -69,7 +69,7 @@ def browser_or_reason():
     return None
 
 
-def test_browser_uploads_a_photo_and_sees_its_caption(base_url, captioner):
+def test_browser_uploads_a_photo_and_sees_its_caption_offline(base_url, captioner):
     reason = browser_or_reason()
     if reason:
         if os.environ.get("CI") == "true":
@@ -92,6 +92,9 @@ def test_browser_uploads_a_photo_and_sees_its_caption(base_url, captioner):
             caption = page.locator("#caption textarea")
             expect(caption).to_have_value(expected, timeout=60_000)
             page.screenshot(path=str(ARTIFACTS / "ui_caption.png"), full_page=True)
+            page.goto(base_url + "/docs", wait_until="networkidle")  # the API docs, served offline too
+            expect(page.get_by_text("/v1/captions")).to_be_visible(timeout=30_000)
+            page.screenshot(path=str(ARTIFACTS / "api_docs.png"))
         finally:
             browser.close()
     assert outside == []
