@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import io
+import socket
 import struct
+import subprocess
+import sys
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -157,3 +161,29 @@ def test_batcher_fails_only_the_request_with_a_bad_option(captioner, photos):
         batcher.close()
     with pytest.raises(RuntimeError, match="closed"):
         batcher.submit(pixels)
+
+
+def test_cli_serve_answers_on_the_given_port(tiny_checkpoint, photos):
+    """`captioner serve` end to end: the real entry point, its flags, the UI mounted at /."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "captioner.cli", "serve", "--checkpoint", str(tiny_checkpoint),
+                             "--host", "127.0.0.1", "--port", str(port), "--max-files", "1"])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, "captioner serve exited"
+            assert time.monotonic() < deadline, "captioner serve did not come up"
+            try:
+                if httpx.get(url + "/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        assert httpx.post(url + "/v1/captions", files=upload(photos[0]), timeout=60).status_code == 200
+        assert httpx.post(url + "/v1/captions", files=upload(*photos[:2]), timeout=60).status_code == 413
+        assert "gradio" in httpx.get(url + "/").text.lower()
+    finally:
+        proc.terminate()
+        proc.wait(30)
