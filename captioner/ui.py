@@ -84,20 +84,21 @@ def build_ui(captioner: Captioner, caption=None, examples: list[str] | None = No
                 with gr.Column():
                     best = gr.Textbox(label="Caption", elem_id="caption", interactive=False)
                     table = gr.Dataframe(headers=["caption", "score (log-prob)"], label="N best",
-                                         interactive=False)
+                                         interactive=False, wrap=True, column_widths=["75%", "25%"])
             if examples:
                 gr.Examples(examples=[[p] for p in examples], inputs=[image], cache_examples=False)
         with gr.Tab("Several images"):
             with gr.Row():
                 with gr.Column():
-                    files = gr.File(file_count="multiple", file_types=["image"], label="Photos")
+                    files = gr.File(file_count="multiple", file_types=["image"], label="Photos", elem_id="photos")
                     beam_many = gr.Slider(1, MAX_BEAM, value=defaults.beam_size, step=1, label="Beam size")
                     max_len_many = gr.Slider(3, MAX_LEN, value=min(defaults.max_len, MAX_LEN), step=1,
                                              label="Max length (words)")
                     run_many = gr.Button("Caption all", variant="primary")
                 with gr.Column():
                     gallery = gr.Gallery(label="Captioned", columns=3)
-                    table_many = gr.Dataframe(headers=["file", "caption", "score"], interactive=False)
+                    table_many = gr.Dataframe(headers=["file", "caption", "score"], interactive=False, wrap=True,
+                                              column_widths=["25%", "55%", "20%"])
 
         inputs = [image, beam, n_best, max_len]
         run.click(caption_one, inputs, [best, table], api_name="caption", concurrency_limit=concurrency)
