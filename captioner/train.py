@@ -161,7 +161,7 @@ def train(cfg: Config, resume: bool = False) -> Trainable:
     loader = DataLoader(train_set, batch_size=t.batch_size, sampler=sampler, collate_fn=collate,
                         num_workers=t.num_workers, drop_last=distributed)
     dev_loader = DataLoader(dev_set, batch_size=512, collate_fn=collate)
-    total_steps = t.epochs * len(loader) if not t.max_steps else t.max_steps
+    total_steps = t.epochs * len(loader)  # max_steps only cuts a run short; the schedule stays the same
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=t.lr,
                                  weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
@@ -218,7 +218,7 @@ def train(cfg: Config, resume: bool = False) -> Trainable:
             captioner = Captioner(encoder, decoder, vocab, cfg, device)
             if finetune:
                 with torch.inference_mode():
-                    dev_feats = torch.cat([captioner.encode(x) for x, _, _ in
+                    dev_feats = torch.cat([captioner.encode(x) for x in
                                            DataLoader(ImageFiles(dev_ex, encoder.transform), batch_size=64)])
             else:
                 dev_feats = dev_src

@@ -1,0 +1,254 @@
+"""caption-dir: one row per file whatever the file holds, resumable after a crash, shardable."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fixtures import draw
+from PIL import Image
+
+from captioner.batch import OutputError, OutputFile, caption_dir, list_images, parse_shard
+from captioner.images import load_image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def bomb_png(width: int = 30000, height: int = 30000) -> bytes:
+    """A real decompression bomb: ~110 kB on disk, 900 Mpixels (1-bit rows of zeros, streamed into zlib)."""
+    row, z = b"\x00" * (1 + (width + 7) // 8), zlib.compressobj(9)
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # bit depth 1, grayscale
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+def asymmetric(size=(300, 200)) -> Image.Image:
+    """Red left half, blue bottom-right quarter: every rotation looks different."""
+    a = np.zeros((size[1], size[0], 3), np.uint8)
+    a[:, : size[0] // 2] = (220, 30, 30)
+    a[size[1] // 2:, size[0] // 2:] = (30, 60, 220)
+    return Image.fromarray(a)
+
+
+def exif_rotated_jpeg(path: Path) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the stored pixels must be turned 90° clockwise to show upright
+    asymmetric().save(path, quality=95, exif=exif)
+
+
+def animated_gif(path: Path) -> None:
+    frames = [Image.new("RGB", (64, 64), c) for c in ((255, 0, 0), (0, 0, 255), (0, 255, 0))]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+
+
+def make_corpus(folder: Path) -> tuple[set[str], set[str]]:
+    """Every awkward kind of file; returns (names that must caption, names that must be error rows)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    photo = io.BytesIO()
+    draw((220, 30, 30), "circle", seed=1).save(photo, "JPEG", quality=90)
+    jpeg = photo.getvalue()
+
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (folder / "notes.jpg").write_text("this is not a picture\n")
+    (folder / "bomb.png").write_bytes(bomb_png())
+    os.symlink(folder / "gone.jpg", folder / "dangling.jpg")
+
+    (folder / "photo.jpg").write_bytes(jpeg)
+    draw((30, 60, 220), "square", seed=2).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)).save(folder / "deep16.png")
+    palette = draw((30, 180, 60), "triangle", seed=3).convert("P", palette=Image.Palette.ADAPTIVE)
+    palette.save(folder / "palette_alpha.png", transparency=0)
+    draw((240, 220, 30), "square", seed=4).convert("RGBA").save(folder / "rgba.png")
+    draw((240, 220, 30), "circle", seed=5).convert("L").save(folder / "gray.jpg")
+    animated_gif(folder / "anim.gif")
+    exif_rotated_jpeg(folder / "rotated.jpg")
+    Image.new("RGB", (6000, 4000), (90, 140, 200)).save(folder / "large.jpg", quality=80)
+    (folder / "café 日本語 ñ.jpg").write_bytes(jpeg)
+    (folder / "sub").mkdir()
+    (folder / "sub" / "inner.png").write_bytes((folder / "rgba.png").read_bytes())
+    os.symlink("..", folder / "sub" / "loop")  # a link back up: a naive walk never ends
+    os.symlink("sub", folder / "sub_again")  # the same folder reachable twice
+    (folder / "readme.txt").write_text("not an image extension: not listed\n")
+    bad = {"empty.jpg", "truncated.jpg", "notes.jpg", "bomb.png", "dangling.jpg"}
+    good = {"photo.jpg", "cmyk.jpg", "deep16.png", "palette_alpha.png", "rgba.png", "gray.jpg", "anim.gif",
+            "rotated.jpg", "large.jpg", "café 日本語 ñ.jpg", "sub/inner.png"}
+    return good, bad
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    good, bad = make_corpus(folder)
+    return folder, good, bad
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_every_file_gets_exactly_one_row(captioner, corpus, tmp_path):
+    folder, good, bad = corpus
+    out = tmp_path / "out.jsonl"
+    summary = caption_dir(captioner, folder, out, recursive=True, batch_size=4, workers=2, progress=False)
+    rows = read_jsonl(out)
+    names = [r["image"] for r in rows]
+    assert sorted(names) == sorted(good | bad)  # no duplicates through the link loop, nothing missing
+    by_name = {r["image"]: r for r in rows}
+    for name in good:
+        assert by_name[name]["caption"] and isinstance(by_name[name]["score"], float), by_name[name]
+    for name in bad:
+        assert set(by_name[name]) == {"image", "error"} and by_name[name]["error"], by_name[name]
+    assert "decompression bomb" in by_name["bomb.png"]["error"]
+    assert "empty" in by_name["empty.jpg"]["error"]
+    assert summary.total == len(rows) and summary.errors == len(bad) and summary.captioned == len(good)
+    # A rerun finds everything done, errors included: no row is written twice.
+    again = caption_dir(captioner, folder, out, recursive=True, batch_size=4, workers=0, progress=False)
+    assert again.skipped == len(rows) and again.captioned == again.errors == 0
+    assert len(read_jsonl(out)) == len(rows)
+
+
+def test_listing_follows_links_once_and_filters_extensions(corpus):
+    folder, good, bad = corpus
+    listed = list_images(folder, recursive=True)
+    assert sorted(listed) == sorted(good | bad) and len(listed) == len(set(listed))
+    assert "sub/inner.png" not in list_images(folder)  # not recursive: top level only
+    assert list_images(folder, recursive=True, exts=["PNG"]) == ["bomb.png", "deep16.png", "palette_alpha.png",
+                                                                 "rgba.png", "sub/inner.png"]
+
+
+def test_exif_rotation_is_applied(captioner, tmp_path):
+    exif_rotated_jpeg(tmp_path / "rotated.jpg")
+    with Image.open(tmp_path / "rotated.jpg") as stored:
+        unrotated = Image.fromarray(np.asarray(stored.convert("RGB")))  # the stored pixels, without the EXIF tag
+    upright = unrotated.transpose(Image.Transpose.ROTATE_270)  # 90° clockwise, by hand
+    pixels = captioner.preprocess(tmp_path / "rotated.jpg")
+    assert torch.equal(pixels, captioner.preprocess(upright))
+    assert not torch.allclose(pixels, captioner.preprocess(unrotated), atol=0.1)
+
+
+def test_animated_gif_uses_first_frame(captioner, tmp_path):
+    animated_gif(tmp_path / "anim.gif")
+    pixels = captioner.preprocess(tmp_path / "anim.gif")
+    assert torch.equal(pixels, captioner.preprocess(Image.new("RGB", (64, 64), (255, 0, 0))))
+
+
+def test_16_bit_png_is_scaled_not_clipped(tmp_path):
+    ramp = (np.arange(256 * 256).reshape(256, 256)).astype(np.uint16)  # 0 .. 65535
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    gray = np.asarray(load_image(tmp_path / "ramp.png"))[..., 0].astype(float)
+    assert gray.min() == 0 and gray.max() == 255 and 120 < gray.mean() < 135
+
+
+def test_decompression_bomb_is_refused_in_bounded_memory(tmp_path):
+    (tmp_path / "bomb.png").write_bytes(bomb_png())
+    assert (tmp_path / "bomb.png").stat().st_size < 200_000  # small on disk, 900 Mpixels when decoded
+    # A fresh process, so its peak memory (ru_maxrss, KiB on Linux) shows what the load cost;
+    # it runs images.py alone (Pillow only) to skip importing torch.
+    script = textwrap.dedent(f"""
+        import resource, runpy, sys
+        images = runpy.run_path({str(ROOT / "captioner" / "images.py")!r})
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        try:
+            images["load_image"]({str(tmp_path / "bomb.png")!r})
+            sys.exit("the bomb was decoded")
+        except images["ImageError"] as e:
+            print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before, e)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    grown_kib, message = done.stdout.split(" ", 1)
+    assert "decompression bomb" in message
+    assert int(grown_kib) < 64 * 1024
+
+
+def test_torn_last_line_is_cut_and_foreign_files_are_left_alone(tmp_path):
+    out = OutputFile(tmp_path / "out.jsonl")
+    out.append([{"image": "a.jpg", "caption": "a dog", "score": -1.0}, {"image": "b.jpg", "error": "empty"}])
+    whole = out.path.read_bytes()
+    with open(out.path, "ab") as f:
+        f.write(b'{"image": "c.jpg", "capt')  # a crash in the middle of a write
+    assert out.done() == {"a.jpg", "b.jpg"}
+    assert out.path.read_bytes() == whole
+
+    foreign = tmp_path / "notes.jsonl"
+    foreign.write_bytes(b'{"image": "a.jpg"}\nsomething else')
+    with pytest.raises(OutputError):
+        OutputFile(foreign).done()
+    assert foreign.read_bytes() == b'{"image": "a.jpg"}\nsomething else'
+
+    table = OutputFile(tmp_path / "out.csv")
+    table.append([{"image": "x, \"quoted\".jpg", "caption": "a cat", "score": -2.5}])
+    table.append([{"image": "y.jpg", "error": "not an image"}])
+    whole = table.path.read_bytes()
+    with open(table.path, "ab") as f:
+        f.write(b'z.jpg,a ca')
+    assert table.done() == {'x, "quoted".jpg', "y.jpg"}
+    assert table.path.read_bytes() == whole
+    with pytest.raises(ValueError):
+        OutputFile(tmp_path / "out.txt")
+
+
+def test_shards_partition_the_folder(captioner, tiny_data, tmp_path):
+    folder = tiny_data / "Flicker8k_Dataset"
+    rows = []
+    for i in range(3):
+        caption_dir(captioner, folder, tmp_path / f"shard{i}.csv", batch_size=8, workers=0, shard_spec=(i, 3),
+                    progress=False)
+        with open(tmp_path / f"shard{i}.csv", newline="") as f:
+            rows += [r["image"] for r in csv.DictReader(f)]
+    assert len(rows) == len(set(rows)) and sorted(rows) == list_images(folder)
+    assert parse_shard("2/3") == (2, 3)
+    for bad in ("3/3", "1", "a/b", "-1/2"):
+        with pytest.raises(ValueError):
+            parse_shard(bad)
+
+
+def test_sigkill_mid_run_then_rerun_completes_without_duplicates(tiny_checkpoint, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(64):
+        draw((220, 30, 30) if i % 2 else (30, 60, 220), "square" if i % 3 else "circle", seed=i).save(
+            folder / f"img{i:03d}.jpg", quality=85)
+    out = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "captioner.cli", "caption-dir", str(folder), "--out", str(out), "--checkpoint",
+           str(tiny_checkpoint), "--device", "cpu", "--batch-size", "4", "--workers", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out.exists() and out.read_bytes().count(b"\n") >= 8):
+            assert proc.poll() is None and time.monotonic() < deadline, "caption-dir ended before it was killed"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # its DataLoader worker too
+    partial = read_jsonl(out)  # every line whole: parses
+    assert 8 <= len(partial) < 64
+    with open(out, "ab") as f:  # and as if power failed mid-write as well: a torn last line
+        f.write(b'{"image": "img1')
+    rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    names = [r["image"] for r in read_jsonl(out)]
+    assert sorted(names) == [f"img{i:03d}.jpg" for i in range(64)]  # none missing, none twice
+    assert f"{len(partial)} already in" in rerun.stderr
