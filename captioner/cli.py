@@ -37,6 +37,21 @@ def cmd_caption(args):
     return 1 if failed else 0
 
 
+def cmd_caption_dir(args):
+    from .batch import DEFAULT_EXTS, caption_dir, parse_shard
+    from .inference import Captioner
+
+    shard_spec = parse_shard(args.shard)  # before loading the model: a typo fails fast
+    cap = Captioner.load(args.checkpoint, device=args.device)
+    exts = args.ext.split(",") if args.ext else DEFAULT_EXTS
+    s = caption_dir(cap, args.dir, args.out, recursive=args.recursive, exts=exts,
+                    batch_size=args.batch_size, workers=args.workers, shard_spec=shard_spec,
+                    beam_size=args.beam, max_len=args.max_len, length_penalty=args.length_penalty)
+    print(f"{s.total} images: {s.captioned} captioned, {s.errors} errors, {s.skipped} already in {args.out}",
+          file=sys.stderr)
+    return 0
+
+
 def cmd_extract_features(args):
     from .config import load_config
     from .train import extract_all
@@ -82,6 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-best", type=int, default=1, help="print the N best captions per image")
     p.add_argument("--json", action="store_true", help='JSON lines: {"image", "caption", "score"}')
     p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("caption-dir", help="caption every image in a folder into a .jsonl or .csv (resumable)")
+    p.add_argument("dir", help="folder of images")
+    p.add_argument("--out", required=True, help="results file, .jsonl or .csv; rerunning with it resumes")
+    p.add_argument("--recursive", action="store_true", help="include subfolders")
+    p.add_argument("--ext", default=None, help="comma-separated extensions (default: jpg,jpeg,png,gif,bmp,webp,tif,tiff)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2, help="image-decoding processes (0 = in the main process)")
+    p.add_argument("--shard", default="0/1", help="i/n: caption only every n-th file from the i-th (0 <= i < n)")
+    _checkpoint_arg(p)
+    _decode_args(p)
+    p.set_defaults(func=cmd_caption_dir)
 
     p = sub.add_parser("extract-features", help="cache encoder features of the train and dev splits")
     p.add_argument("--config", required=True)
