@@ -52,6 +52,17 @@ def cmd_caption_dir(args):
     return 0
 
 
+def cmd_evaluate(args):
+    from .evaluate import evaluate, format_report
+
+    report = evaluate(args.data, args.split, args.images, checkpoint=args.checkpoint, device=args.device,
+                      results=args.results, human=args.human, coco=False if args.no_coco else None,
+                      out=args.out, batch_size=args.batch_size, workers=args.workers, progress=not args.json,
+                      beam_size=args.beam, max_len=args.max_len, length_penalty=args.length_penalty)
+    print(json.dumps(report) if args.json else format_report(report))
+    return 0
+
+
 def cmd_extract_features(args):
     from .config import load_config
     from .train import extract_all
@@ -109,6 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
     _checkpoint_arg(p)
     _decode_args(p)
     p.set_defaults(func=cmd_caption_dir)
+
+    p = sub.add_parser("evaluate", help="BLEU (and coco-caption metrics) of a model, a results file or humans on a split")
+    p.add_argument("--data", required=True, help="Flickr8k folder, Karpathy split JSON or COCO captions JSON")
+    p.add_argument("--split", default=None, help="train, dev or test (Flickr8k, Karpathy; not for a COCO file)")
+    p.add_argument("--images", default=None, help="image folder (Karpathy, COCO)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--results", default=None, help='score this COCO results file [{"image_id", "caption"}] '
+                        "instead of a model")
+    source.add_argument("--human", action="store_true", help="human ceiling: leave-one-out BLEU of the references")
+    p.add_argument("--out", default=None, help="write results.json, per_image.csv and scores.json here")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
+    p.add_argument("--no-coco", action="store_true", help="skip the coco-caption metrics (they need Java)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2, help="image-decoding processes (0 = in the main process)")
+    _checkpoint_arg(p)
+    _decode_args(p)
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("extract-features", help="cache encoder features of the train and dev splits")
     p.add_argument("--config", required=True)

@@ -1,23 +1,90 @@
-"""Caption metrics. BLEU is nltk's corpus_bleu on `vocab.tokenize` tokens, 0-100 scale."""
+"""Caption metrics.
+
+`bleu`: the project's BLEU, nltk's corpus_bleu on `vocab.tokenize` tokens, 0-100 scale
+(the training loop's dev score). `coco_caption`: the coco-caption metrics papers report
+(pycocoevalcap: PTBTokenizer, BLEU, METEOR, ROUGE-L, CIDEr), which need Java.
+
+The two BLEUs agree to ~1e-9 on the same tokens except in two cases (pinned in
+tests/test_evaluate.py), both from pycocoevalcap's bleu_scorer.py:
+  - an n-gram order with no match at all: nltk scores 0, pycocoevalcap multiplies in
+    1e-15 / (n-gram count) instead, so its BLEU-4 stays a little above 0;
+  - a hypothesis shorter than n words: nltk counts max(1, 0) = 1 n-gram of order n
+    for it, pycocoevalcap counts 0, so nltk's n-gram precision is a little lower.
+Both pick the closest reference length for the brevity penalty and, on a tie, the
+shorter reference. Tokenization differs too: PTBTokenizer (Stanford CoreNLP) vs nltk's
+Treebank tokenizer, so expect coco BLEU to differ slightly from `bleu` on raw text.
+"""
 from __future__ import annotations
 
+import shutil
 import warnings
 
-from nltk.translate.bleu_score import corpus_bleu
+from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
 
 from .vocab import TOKENIZER, tokenize
 
 BLEU_WEIGHTS = [(1, 0, 0, 0), (0.5, 0.5, 0, 0), (1 / 3, 1 / 3, 1 / 3, 0), (0.25, 0.25, 0.25, 0.25)]
 BLEU_METHOD = f"nltk corpus_bleu, all references, no smoothing; tokens: {TOKENIZER}"
+SENTENCE_BLEU_METHOD = f"nltk BLEU of one image, smoothing method1 (epsilon 0.1); tokens: {TOKENIZER}"
+COCO_METHOD = ("pycocoevalcap (coco-caption): PTBTokenizer (Stanford CoreNLP 3.4.1, lowercase, punctuation "
+               "dropped); BLEU, METEOR 1.5, ROUGE-L, CIDEr-D; 0-100 scale")
+SPICE_NOTE = "SPICE skipped: it needs Stanford CoreNLP models downloaded at first use"
+COCO_KEYS = ["coco_bleu1", "coco_bleu2", "coco_bleu3", "coco_bleu4", "meteor", "rouge_l", "cider"]
 
 
-def bleu(hypotheses: list[str], references: list[list[str]]) -> dict[str, float]:
-    """Corpus BLEU-1..4 of hypotheses (one string per image) against each image's references."""
+def _corpus_bleu(hypotheses: list[str], references: list[list[str]], smoothing=None) -> dict[str, float]:
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} reference lists")
     hyps = [tokenize(h) for h in hypotheses]
     refs = [[tokenize(r) for r in rs] for rs in references]
     with warnings.catch_warnings():  # nltk warns on zero n-gram overlap; a score of 0 is the answer
         warnings.simplefilter("ignore", UserWarning)
-        scores = corpus_bleu(refs, hyps, weights=BLEU_WEIGHTS)
+        scores = corpus_bleu(refs, hyps, weights=BLEU_WEIGHTS, smoothing_function=smoothing)
     return {f"bleu{n}": 100 * s for n, s in enumerate(scores, 1)}
+
+
+def bleu(hypotheses: list[str], references: list[list[str]]) -> dict[str, float]:
+    """Corpus BLEU-1..4 of hypotheses (one string per image) against each image's references."""
+    return _corpus_bleu(hypotheses, references)
+
+
+def sentence_bleu(hypothesis: str, references: list[str]) -> dict[str, float]:
+    """BLEU-1..4 of one image, smoothed: unsmoothed sentence BLEU-4 is 0 for most captions."""
+    return _corpus_bleu([hypothesis], [references], SmoothingFunction().method1)
+
+
+def java_available() -> bool:
+    return shutil.which("java") is not None
+
+
+def coco_caption(hypotheses: list[str], references: list[list[str]]) -> dict[str, float]:
+    """coco-caption's BLEU-1..4, METEOR, ROUGE-L and CIDEr-D (0-100), as its COCOEvalCap computes them.
+
+    Starts Java twice (tokenizer, METEOR): seconds of overhead. Raises RuntimeError without Java.
+    """
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} reference lists")
+    if not java_available():
+        raise RuntimeError("coco-caption metrics need Java (the `java` command was not found)")
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    # One tokenizer run for hypotheses and references: each run is a JVM start.
+    captions = {("hyp", i): [{"caption": h}] for i, h in enumerate(hypotheses)}
+    captions |= {("ref", i): [{"caption": r} for r in refs] for i, refs in enumerate(references)}
+    tokens = PTBTokenizer().tokenize(captions)
+    if tokens.keys() != captions.keys():
+        raise RuntimeError("PTBTokenizer returned a different number of captions than it was given")
+    res = {i: tokens[("hyp", i)] for i in range(len(hypotheses))}
+    gts = {i: tokens[("ref", i)] for i in range(len(references))}
+    bleus, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    meteor = Meteor()
+    try:
+        meteor_score, _ = meteor.compute_score(gts, res)
+    finally:
+        del meteor  # stops its JVM
+    scores = [*bleus, meteor_score, Rouge().compute_score(gts, res)[0], Cider().compute_score(gts, res)[0]]
+    return {k: 100 * float(s) for k, s in zip(COCO_KEYS, scores)}
