@@ -5,6 +5,9 @@ input weights: the cell's input at step t is [x_t; v], so the fused input matrix
 W_ih·[x_t; v] = W_x·x_t + W_iv·v, and the whole sequence is one nn.LSTM call (no
 Python loop over time). W_iv is the last `feat_dim` columns of `rnn.weight_ih_l0`.
 With inject="init" (Show and Tell / cs231n) v only sets the initial state.
+
+Decoding steps one token at a time, so there W_iv·v + biases is computed once per
+search (`step_context`) and each step multiplies only x_t and h (one LSTM layer).
 """
 from __future__ import annotations
 
@@ -37,6 +40,9 @@ class Decoder(nn.Module):
             self.init_state = nn.Linear(self.feat_dim, n_states * cfg.num_layers * cfg.hidden_dim)
         self.dropout = nn.Dropout(cfg.dropout)
         self.out = nn.Linear(cfg.hidden_dim, vocab_size)
+        # A single-token nn.LSTM call would redo W_iv·v at every step (and on CPU pays
+        # oneDNN's per-call setup): decoding runs this cell by hand instead.
+        self._hoist = cfg.cell == "lstm" and cfg.inject == "every" and cfg.num_layers == 1
 
     def features(self, feats: torch.Tensor) -> torch.Tensor:
         """v as the cell sees it (dropout and the optional projection applied)."""
@@ -62,10 +68,29 @@ class Decoder(nn.Module):
         logits, _ = self._run(v, tokens, self.initial_state(v))
         return logits
 
-    def step(self, v: torch.Tensor, tokens: torch.Tensor, state):
-        """One decoding step for search: v already passed through `features`; tokens (N,)."""
-        logits, state = self._run(v, tokens.unsqueeze(1), state)
-        return logits.squeeze(1).float().log_softmax(-1), state
+    def step_context(self, v: torch.Tensor) -> torch.Tensor:
+        """What decoding steps need of the image, once per search: v (from `features`),
+        or for the hand-run LSTM cell v's constant share of the gates, W_iv·v + biases."""
+        if not self._hoist:
+            return v
+        w_iv = self.rnn.weight_ih_l0[:, self.embed.embedding_dim:]
+        return torch.addmm(self.rnn.bias_ih_l0 + self.rnn.bias_hh_l0, v, w_iv.t())
+
+    def step(self, ctx: torch.Tensor, tokens: torch.Tensor, state):
+        """One decoding step for search: ctx from `step_context`; tokens (N,). Returns log-probs, state."""
+        if not self._hoist:
+            logits, state = self._run(ctx, tokens.unsqueeze(1), state)
+            return logits.squeeze(1).float().log_softmax(-1), state
+        x = self.dropout(self.embed(tokens))
+        gates = torch.addmm(ctx, x, self.rnn.weight_ih_l0[:, :x.shape[1]].t())
+        if state is not None:
+            gates.addmm_(state[0][0], self.rnn.weight_hh_l0.t())
+        i, f, g, o = gates.chunk(4, dim=1)  # nn.LSTM's gate order
+        c = i.sigmoid() * g.tanh()
+        if state is not None:
+            c = c + f.sigmoid() * state[1][0]
+        h = o.sigmoid() * c.tanh()
+        return self.out(self.dropout(h)).float().log_softmax(-1), (h[None], c[None])
 
 
 def reorder_state(state, index: torch.Tensor):

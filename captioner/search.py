@@ -48,14 +48,14 @@ def _strip(seq: list[int], end: int) -> list[int]:
 def _one_by_one(decoder: Decoder, feats: torch.Tensor, pick: Callable, start: int, end: int, max_len: int, banned):
     """Decode one token per step for every image at once; `pick(logp)` chooses the tokens."""
     v = decoder.features(feats)
-    state = decoder.initial_state(v)
+    state, ctx = decoder.initial_state(v), decoder.step_context(v)
     B = feats.shape[0]
     tokens = torch.full((B,), start, dtype=torch.long, device=feats.device)
     done = torch.zeros(B, dtype=torch.bool, device=feats.device)
     scores = torch.zeros(B, device=feats.device)
     steps = []
     for _ in range(max_len):
-        logp, state = decoder.step(v, tokens, state)
+        logp, state = decoder.step(ctx, tokens, state)
         tokens = pick(_ban(logp, banned))
         scores += torch.where(done, 0.0, logp.gather(1, tokens[:, None]).squeeze(1))
         steps.append(tokens)
@@ -94,7 +94,7 @@ def beam_search(decoder, feats, *, start, end, beam_size=3, max_len=20, length_p
     penalty(torch.ones(1), length_penalty, alpha)  # reject an unknown penalty before any work
     B, k, dev = feats.shape[0], beam_size, feats.device
     v = decoder.features(feats).repeat_interleave(k, dim=0)  # row b*k + j is beam j of image b
-    state = decoder.initial_state(v)
+    state, ctx = decoder.initial_state(v), decoder.step_context(v)
     tokens = torch.full((B * k,), start, dtype=torch.long, device=dev)
     scores = torch.full((B, k), float("-inf"), device=dev)
     scores[:, 0] = 0.0  # all beams start identical: keep one, or the top-k would be k copies
@@ -103,7 +103,7 @@ def beam_search(decoder, feats, *, start, end, beam_size=3, max_len=20, length_p
     seqs = torch.zeros(B, k, 0, dtype=torch.long, device=dev)
     offsets = torch.arange(B, device=dev)[:, None] * k
     for t in range(max_len):
-        logp, state = decoder.step(v, tokens, state)
+        logp, state = decoder.step(ctx, tokens, state)
         V = logp.shape[-1]
         logp = _ban(logp, banned).view(B, k, V)
         frozen = torch.full((V,), float("-inf"), device=dev)

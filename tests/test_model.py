@@ -54,6 +54,21 @@ def test_every_step_injection_is_one_fused_call_equal_to_separate_weights():
     torch.testing.assert_close(fused, separate)
 
 
+@pytest.mark.parametrize("cell,inject,layers", [("lstm", "every", 1), ("lstm", "every", 2), ("gru", "every", 1),
+                                               ("lstm", "init", 1)])
+def test_decoding_steps_equal_teacher_forcing(cell, inject, layers):
+    """Search's step (the hand-run LSTM cell with W_iv·v hoisted, or the nn module) == forward()."""
+    dec = small_decoder(cell=cell, inject=inject, num_layers=layers).eval()
+    feats, tokens = torch.randn(3, 12), torch.randint(4, 30, (3, 6))
+    with torch.inference_mode():
+        v = dec.features(feats)
+        state, ctx, steps = dec.initial_state(v), dec.step_context(v), []
+        for t in range(tokens.shape[1]):
+            logp, state = dec.step(ctx, tokens[:, t], state)
+            steps.append(logp)
+        torch.testing.assert_close(torch.stack(steps, 1), dec(feats, tokens).log_softmax(-1))
+
+
 def test_loss_ignores_padding():
     logits = torch.randn(2, 4, 30)
     targets = torch.tensor([[5, 6, 2, 0], [7, 2, 0, 0]])
