@@ -1,0 +1,293 @@
+"""Side-by-side speed of captioner against the tutorial way, measured in one run.
+
+  train_speedup  decoder training tokens/s (forward + masked loss + backward + Adam step)
+                 of `captioner.decoder.Decoder` (one fused nn.LSTM call over the sequence)
+                 ÷ `LoopDecoder` below: the same math written the tutorial way, an
+                 nn.LSTMCell stepped in a Python loop with [x_t; v] as each step's input.
+                 Same sizes, same batch, same tokens, same parameter count, same weights.
+  beam_speedup   `search.beam_search` on N images' features in one call ÷ the same
+                 function called image by image; the captions must be identical.
+  pipeline_efficiency, latency_p50_ms
+                 from scripts/bench_pipeline.py (folder captioning vs encoder alone,
+                 single-photo latency), when that script and the photos are there.
+
+Both sides of a comparison run in the same process, dtype (fp32) and thread count,
+their repeats interleaved (so load from other processes hits both alike); each figure
+is a median over repeats after a warm-up.
+
+    python scripts/benchmark.py [--quick] [--json] [--threads N] [--checkpoint C]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from captioner import checkpoint as ckpt
+from captioner.config import Config, load_config
+from captioner.decoder import Decoder, caption_loss
+from captioner.inference import DEFAULT_CHECKPOINT
+from captioner.search import beam_search
+from captioner.vocab import Vocab
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "flickr8k_lite0.yaml"
+RUN_CHECKPOINT = ROOT / "runs" / "flickr8k_lite0" / "best.pt"
+
+
+class LoopDecoder(nn.Module):
+    """The tutorial decoder: LSTMCell in a Python loop, v concatenated to each step's input, then a Linear.
+
+    The Linear runs once on the stacked hidden states (as in Decoder), not once per step,
+    so the two sides do the same floating-point work and differ only in how time is looped.
+    """
+
+    def __init__(self, vocab_size: int, embed_dim: int, hidden_dim: int, feature_dim: int, dropout: float):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=0)
+        self.cell = nn.LSTMCell(embed_dim + feature_dim, hidden_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(hidden_dim, vocab_size)
+
+    @classmethod
+    def like(cls, decoder: Decoder) -> "LoopDecoder":
+        """A LoopDecoder holding `decoder`'s weights (single-layer LSTM, inject="every", no projection)."""
+        if (decoder.cell, decoder.inject, decoder.num_layers) != ("lstm", "every", 1) or decoder.feat_dim != (
+                decoder.rnn.input_size - decoder.embed.embedding_dim):
+            raise ValueError("LoopDecoder mirrors only a 1-layer LSTM decoder with inject='every'")
+        if not isinstance(decoder.proj, nn.Identity):
+            raise ValueError("LoopDecoder has no feature projection")
+        ref = cls(decoder.embed.num_embeddings, decoder.embed.embedding_dim, decoder.rnn.hidden_size,
+                  decoder.feat_dim, decoder.dropout.p)
+        rnn = decoder.rnn
+        with torch.no_grad():
+            ref.embed.weight.copy_(decoder.embed.weight)
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                getattr(ref.cell, name).copy_(getattr(rnn, name + "_l0"))
+            ref.out.load_state_dict(decoder.out.state_dict())
+        return ref
+
+    def forward(self, feats: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(self.embed(tokens))
+        h = c = feats.new_zeros(tokens.shape[0], self.cell.hidden_size)
+        hs = []
+        for t in range(tokens.shape[1]):
+            h, c = self.cell(torch.cat([x[:, t], feats], dim=1), (h, c))
+            hs.append(h)
+        return self.out(self.dropout(torch.stack(hs, dim=1)))
+
+
+def n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each fn; their repeats alternate so background load hits all alike."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, f in fns.items():
+            start = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def bench_train(cfg: Config, vocab_size: int, feature_dim: int, batch: int, seq_len: int, repeats: int) -> dict:
+    torch.manual_seed(0)
+    decoder = Decoder(cfg.model, vocab_size, feature_dim).train()
+    ref = LoopDecoder.like(decoder).train()
+    assert n_params(decoder) == n_params(ref), (n_params(decoder), n_params(ref))
+    feats = torch.randn(batch, feature_dim)
+    # Realistic padding: caption lengths vary within the batch, both sides get the same tokens.
+    lengths = torch.randint(seq_len - 4, seq_len + 1, (batch,))
+    ids = torch.randint(4, vocab_size, (batch, seq_len + 1))
+    ids[torch.arange(seq_len + 1)[None, :] > lengths[:, None]] = 0
+    tokens, targets = ids[:, :-1], ids[:, 1:]
+
+    def step_fn(model):
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+
+        def step():
+            loss = caption_loss(model(feats, tokens), targets)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return step
+
+    sec = interleaved({"captioner": step_fn(decoder), "loop": step_fn(ref)}, repeats)
+    n_tokens = int((targets != 0).sum())
+    return {"train_tokens_per_s": round(n_tokens / sec["captioner"]),
+            "train_tokens_per_s_loop": round(n_tokens / sec["loop"]),
+            "train_speedup": round(sec["loop"] / sec["captioner"], 2),
+            "train_sizes": f"batch {batch}, {seq_len} steps, embed {cfg.model.embed_dim}, hidden "
+                           f"{cfg.model.hidden_dim}, feature {feature_dim}, vocab {vocab_size}, "
+                           f"{n_params(decoder) / 1e6:.1f}M params"}
+
+
+def quick_trained(cfg: Config, steps: int) -> tuple[Path, str]:
+    """Train the shipped config for a few steps on the cached features (no trained model exists yet)."""
+    from captioner.config import apply_overrides
+    from captioner.train import train
+
+    out = Path(tempfile.mkdtemp(prefix="bench_model_"))
+    quick = Config.from_dict(apply_overrides(cfg.to_dict(), [
+        f"train.out_dir={out}", "train.epochs=1", f"train.max_steps={steps}", "train.dev_images=50",
+        "train.lr=3.0e-3", "train.log_every=1000", "train.num_workers=0",
+        f"data.root={ROOT / cfg.data.root}", f"data.feature_cache={ROOT / cfg.data.feature_cache}"]))
+    train(quick)
+    return out / "best.pt", f"quickly trained here ({steps} Adam steps on the cached Flickr8k features)"
+
+
+def pick_model(explicit: str | None, cfg: Config, train_steps: int) -> tuple[Path, str]:
+    """The checkpoint to decode with, and what it is."""
+    if explicit:
+        return Path(explicit), f"checkpoint {explicit}"
+    if DEFAULT_CHECKPOINT.is_file():
+        return DEFAULT_CHECKPOINT, f"shipped model {DEFAULT_CHECKPOINT.name}"
+    if RUN_CHECKPOINT.is_file():
+        # The training run rewrites it every epoch: use a private copy.
+        copy = Path(tempfile.mkdtemp(prefix="bench_ckpt_")) / "best.pt"
+        shutil.copy(RUN_CHECKPOINT, copy)
+        return copy, f"training run's {RUN_CHECKPOINT.relative_to(ROOT)} (mid-training copy)"
+    return quick_trained(cfg, train_steps)
+
+
+def dev_features(cfg: Config, n: int) -> tuple[torch.Tensor, str]:
+    """The first n cached dev-image features (real encoder output), or random ones if there is no cache."""
+    cache = Path(cfg.data.feature_cache)
+    cache = cache if cache.is_absolute() else ROOT / cache
+    path = cache / f"{cfg.data.dev_split}.npy"
+    if path.is_file():
+        done = json.loads(path.with_suffix(".json").read_text())["done"]
+        if done >= n:
+            return torch.from_numpy(np.load(path, mmap_mode="r")[:n].astype(np.float32)), f"cached dev features ({path.name})"
+    return torch.rand(n, 1280) * 2, "random features (no feature cache found)"
+
+
+def bench_beam(payload: dict, feats: torch.Tensor, beam: int, repeats: int) -> dict:
+    config = Config.from_dict(payload["config"])
+    vocab = Vocab.from_dict(payload["vocab"])
+    decoder = Decoder(config.model, len(vocab), feats.shape[1])
+    decoder.load_state_dict(payload["decoder"])
+    decoder.eval()
+    kw = dict(start=vocab.start, end=vocab.end, beam_size=beam, max_len=config.decode.max_len,
+              banned=(vocab.pad, vocab.start, vocab.unk))
+    out = {}
+
+    def batched():
+        out["batched"] = beam_search(decoder, feats, **kw)
+
+    def one_by_one():
+        out["single"] = [beam_search(decoder, f[None], **kw)[0] for f in feats]
+
+    sec = interleaved({"batched": batched, "single": one_by_one}, repeats)
+    for a, b in zip(out["batched"], out["single"]):
+        assert [h.tokens for h in a] == [h.tokens for h in b], "batched beam search changed a caption"
+        assert np.allclose([h.score for h in a], [h.score for h in b], atol=1e-3), "batched beam scores differ"
+    captions = [vocab.decode(h[0].tokens) for h in out["batched"]]
+    return {"beam_images_per_s": round(len(feats) / sec["batched"], 1),
+            "beam_images_per_s_one_by_one": round(len(feats) / sec["single"], 1),
+            "beam_speedup": round(sec["single"] / sec["batched"], 2),
+            "beam_sizes": f"{len(feats)} images, beam {beam}, max_len {kw['max_len']}",
+            "distinct_captions": len(set(captions)), "example_caption": captions[0]}
+
+
+def bench_pipeline(checkpoint: Path, quick: bool, repeats: int) -> dict:
+    """scripts/bench_pipeline.py's figures; a note instead when it is missing or fails."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import bench_pipeline
+
+        r = bench_pipeline.run(checkpoint, n_images=64 if quick else 256, repeats=repeats,
+                               latency_images=20 if quick else 50)
+        return {k: r[k] for k in ("pipeline_efficiency", "latency_p50_ms")}
+    except (Exception, SystemExit) as e:  # bench_pipeline exits when photos are missing
+        return {"pipeline_note": f"scripts/bench_pipeline.py not measured: {type(e).__name__}: {e}".splitlines()[0]}
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def table(r: dict) -> str:
+    """The figures as a markdown table, then how they were measured."""
+    rows = [
+        "| figure | captioner | tutorial way | speedup | goal |",
+        "|---|---:|---:|---:|---|",
+        f"| decoder training, tokens/s | {r['train_tokens_per_s']:,} | {r['train_tokens_per_s_loop']:,} "
+        f"| **{r['train_speedup']}×** | ≥ 4× |",
+        f"| beam search, images/s | {r['beam_images_per_s']} | {r['beam_images_per_s_one_by_one']} "
+        f"| **{r['beam_speedup']}×** | ≥ 10× |",
+    ]
+    if "pipeline_efficiency" in r:
+        rows += [f"| batch captioning ÷ encoder alone | {r['pipeline_efficiency']} | | | ≥ 0.85 |",
+                 f"| single-image latency p50 | {r['latency_p50_ms']} ms | | | ≤ 150 ms |"]
+    notes = [
+        f"- training: {r['train_sizes']}; forward + loss + backward + Adam step, "
+        "captioner's Decoder vs an LSTMCell Python loop",
+        f"- beam search: {r['beam_sizes']}, one call vs one call per image, captions identical "
+        f"({r['distinct_captions']} distinct); model: {r['beam_model']}; {r['beam_features']}",
+        f"- e.g. \"{r['example_caption']}\"",
+        f"- {r['cpu']}, {r['cores']} cores, torch {r['torch']}, {r['threads']} threads, fp32, "
+        f"medians of {r['repeats']} interleaved repeats after a warm-up",
+    ]
+    if "pipeline_note" in r:
+        notes.append(f"- {r['pipeline_note']}")
+    return "\n".join(rows + [""] + notes)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smaller runs (about a minute): 5 repeats, 20 images")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--threads", type=int, default=0, help="torch threads for every measurement (default: torch's)")
+    p.add_argument("--checkpoint", "-c", default=None,
+                   help="model for beam search and the pipeline (default: shipped model, else the training run's "
+                        "best.pt, else one trained here for a few steps)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--images", type=int, default=None, help="images for beam search (default 100, quick 20)")
+    p.add_argument("--batch", type=int, default=None, help="training batch (default: the config's)")
+    p.add_argument("--seq-len", type=int, default=16, help="padded caption length in training steps")
+    p.add_argument("--no-pipeline", action="store_true", help="skip scripts/bench_pipeline.py")
+    args = p.parse_args(argv)
+    if args.repeats < 5:
+        p.error("--repeats must be at least 5")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config(CONFIG)
+    n_images = args.images or (20 if args.quick else 100)
+
+    model_path, model = pick_model(args.checkpoint, cfg, train_steps=30 if args.quick else 80)
+    payload = ckpt.load(model_path)
+    feats, feats_src = dev_features(Config.from_dict(payload["config"]), n_images)
+    r = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_model(),
+         "cores": len(os.sched_getaffinity(0)), "repeats": args.repeats}
+    r |= bench_train(cfg, len(Vocab.from_dict(payload["vocab"])), feats.shape[1], args.batch or cfg.train.batch_size,
+                     args.seq_len, args.repeats)
+    r |= bench_beam(payload, feats, cfg.decode.beam_size, args.repeats)
+    r |= {"beam_model": model, "beam_features": feats_src}
+    if not args.no_pipeline:
+        r |= bench_pipeline(model_path, args.quick, args.repeats)
+    print(json.dumps(r) if args.json else table(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
