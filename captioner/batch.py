@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -45,7 +46,10 @@ def list_images(root: str | Path, *, recursive: bool = False, exts=DEFAULT_EXTS)
         raise FileNotFoundError(f"not a folder: {root}")
     suffixes = {"." + e.lower().lstrip(".") for e in exts}
     seen, found = set(), []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    def unreadable(err: OSError):  # its files cannot be listed, so they cannot get rows: say so
+        warnings.warn(f"caption-dir: skipping a folder it cannot read: {err}", stacklevel=2)
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
         st = os.stat(dirpath)
         dirnames.sort()  # the walk order decides which of two links to one folder is listed
         if (st.st_dev, st.st_ino) in seen or not recursive:
@@ -206,6 +210,7 @@ def caption_dir(captioner: Captioner, root: str | Path, out: str | Path, *, recu
     """
     root = Path(root)
     output = OutputFile(out)
+    output.path.parent.mkdir(parents=True, exist_ok=True)  # fail now, not after the first batch
     files = shard(list_images(root, recursive=recursive, exts=exts), *shard_spec)
     done = output.done()
     todo = [f for f in files if f not in done]
@@ -213,7 +218,7 @@ def caption_dir(captioner: Captioner, root: str | Path, out: str | Path, *, recu
     if not todo:
         return Summary(**summary)
     loader = DataLoader(_Files(root, todo, captioner.preprocess), batch_size=batch_size, num_workers=workers,
-                        collate_fn=_collate)
+                        collate_fn=_collate, pin_memory=captioner.device.type == "cuda")
     with tqdm(total=len(files), initial=summary["skipped"], unit="img", desc="caption-dir",
               disable=not progress, dynamic_ncols=True) as bar:
         for batch in loader:
