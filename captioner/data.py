@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from .config import DataConfig
 from .vocab import Vocab
@@ -124,6 +124,44 @@ class CaptionDataset(Dataset):
         if isinstance(x, np.ndarray):  # a cached feature row (fp16, read-only memmap)
             x = torch.from_numpy(x.astype(np.float32))
         return x, torch.tensor(ids)
+
+
+class LengthBatches(Sampler):
+    """Batches of captions of similar length, so little compute goes to padding.
+
+    Each epoch: shuffle, sort within pools of `pool` batches by length, cut into
+    batches, shuffle the batch order. The order depends only on (seed, epoch), so a
+    resumed run sees the same batches; under DDP every rank draws the same order and
+    takes every world_size-th batch.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 pool: int = 50):
+        self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
+        self.rank, self.world_size, self.pool, self.epoch = rank, world_size, pool, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=g).tolist()
+        size, chunk = self.batch_size, self.batch_size * self.pool
+        batches = []
+        for i in range(0, len(order), chunk):
+            idx = sorted(order[i:i + chunk], key=self.lengths.__getitem__)
+            batches += [idx[j:j + size] for j in range(0, len(idx), size)]
+        return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+    def __iter__(self):
+        batches = self._batches()
+        per_rank = len(batches) // self.world_size
+        return iter(batches[self.rank: per_rank * self.world_size: self.world_size])
+
+    def __len__(self) -> int:
+        N, size, chunk = len(self.lengths), self.batch_size, self.batch_size * self.pool
+        n = sum(-(-min(chunk, N - i) // size) for i in range(0, N, chunk))
+        return n // self.world_size
 
 
 def collate(batch):

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import checkpoint
 from .config import Config
-from .data import CaptionDataset, collate, load_split
+from .data import CaptionDataset, LengthBatches, collate, load_split
 from .decoder import Decoder, caption_loss
 from .encoders import build_encoder
 from .features import ImageFiles, extract, open_features
@@ -156,10 +156,9 @@ def train(cfg: Config, resume: bool = False) -> Trainable:
 
     train_set = CaptionDataset(train_ex, vocab, train_src, cfg.data.max_caption_len)
     dev_set = CaptionDataset(dev_ex, vocab, dev_src, cfg.data.max_caption_len)
-    sampler = (DistributedSampler(train_set, seed=t.seed) if distributed
-               else RandomSampler(train_set, generator=torch.Generator()))
-    loader = DataLoader(train_set, batch_size=t.batch_size, sampler=sampler, collate_fn=collate,
-                        num_workers=t.num_workers, drop_last=distributed)
+    batches = LengthBatches([len(ids) for _, ids in train_set.pairs], t.batch_size, t.seed, rank,
+                            dist.get_world_size() if distributed else 1)
+    loader = DataLoader(train_set, batch_sampler=batches, collate_fn=collate, num_workers=t.num_workers)
     dev_loader = DataLoader(dev_set, batch_size=512, collate_fn=collate)
     total_steps = t.epochs * len(loader)  # max_steps only cuts a run short; the schedule stays the same
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=t.lr,
@@ -186,10 +185,7 @@ def train(cfg: Config, resume: bool = False) -> Trainable:
         model.train()
         if encoder is not None and not finetune:
             encoder.eval()
-        if distributed:
-            sampler.set_epoch(epoch)
-        else:
-            sampler.generator.manual_seed(t.seed + epoch)  # data order depends only on (seed, epoch)
+        batches.set_epoch(epoch)
         tic, total, count = time.time(), 0.0, 0
         bar = tqdm(loader, desc=f"epoch {epoch}", disable=not main, leave=False)
         for inputs, tokens, targets in bar:
