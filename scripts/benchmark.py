@@ -49,12 +49,18 @@ RUN_CHECKPOINT = ROOT / "runs" / "flickr8k_lite0" / "best.pt"
 class LoopDecoder(nn.Module):
     """The tutorial decoder: LSTMCell in a Python loop, v concatenated to each step's input, then a Linear.
 
+    v is first projected (Linear+ReLU) when the config asks for it, once per image as in Decoder.
+
     The Linear runs once on the stacked hidden states (as in Decoder), not once per step,
     so the two sides do the same floating-point work and differ only in how time is looped.
     """
 
-    def __init__(self, vocab_size: int, embed_dim: int, hidden_dim: int, feature_dim: int, dropout: float):
+    def __init__(self, vocab_size: int, embed_dim: int, hidden_dim: int, feature_dim: int, dropout: float,
+                 feature_proj: int = 0, feature_dropout: float = 0.0):
         super().__init__()
+        self.feature_dropout = nn.Dropout(feature_dropout)
+        self.proj = nn.Sequential(nn.Linear(feature_dim, feature_proj), nn.ReLU()) if feature_proj else nn.Identity()
+        feature_dim = feature_proj or feature_dim
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=0)
         self.cell = nn.LSTMCell(embed_dim + feature_dim, hidden_dim)
         self.dropout = nn.Dropout(dropout)
@@ -62,16 +68,16 @@ class LoopDecoder(nn.Module):
 
     @classmethod
     def like(cls, decoder: Decoder) -> "LoopDecoder":
-        """A LoopDecoder holding `decoder`'s weights (single-layer LSTM, inject="every", no projection)."""
-        if (decoder.cell, decoder.inject, decoder.num_layers) != ("lstm", "every", 1) or decoder.feat_dim != (
-                decoder.rnn.input_size - decoder.embed.embedding_dim):
+        """A LoopDecoder holding a copy of `decoder`'s weights (a 1-layer LSTM with inject="every")."""
+        if (decoder.cell, decoder.inject, decoder.num_layers) != ("lstm", "every", 1):
             raise ValueError("LoopDecoder mirrors only a 1-layer LSTM decoder with inject='every'")
-        if not isinstance(decoder.proj, nn.Identity):
-            raise ValueError("LoopDecoder has no feature projection")
+        proj = decoder.proj[0] if isinstance(decoder.proj, nn.Sequential) else None
         ref = cls(decoder.embed.num_embeddings, decoder.embed.embedding_dim, decoder.rnn.hidden_size,
-                  decoder.feat_dim, decoder.dropout.p)
+                  proj.in_features if proj else decoder.feat_dim, decoder.dropout.p,
+                  proj.out_features if proj else 0, decoder.feature_dropout.p)
         rnn = decoder.rnn
         with torch.no_grad():
+            ref.proj.load_state_dict(decoder.proj.state_dict())
             ref.embed.weight.copy_(decoder.embed.weight)
             for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
                 getattr(ref.cell, name).copy_(getattr(rnn, name + "_l0"))
@@ -79,11 +85,12 @@ class LoopDecoder(nn.Module):
         return ref
 
     def forward(self, feats: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        v = self.proj(self.feature_dropout(feats))
         x = self.dropout(self.embed(tokens))
         h = c = feats.new_zeros(tokens.shape[0], self.cell.hidden_size)
         hs = []
         for t in range(tokens.shape[1]):
-            h, c = self.cell(torch.cat([x[:, t], feats], dim=1), (h, c))
+            h, c = self.cell(torch.cat([x[:, t], v], dim=1), (h, c))
             hs.append(h)
         return self.out(self.dropout(torch.stack(hs, dim=1)))
 
@@ -130,26 +137,33 @@ def bench_train(cfg: Config, vocab_size: int, feature_dim: int, batch: int, seq_
 
     sec = interleaved({"captioner": step_fn(decoder), "loop": step_fn(ref)}, repeats)
     n_tokens = int((targets != 0).sum())
+    proj = f" -> {cfg.model.feature_proj}" if cfg.model.feature_proj else ""
     return {"train_tokens_per_s": round(n_tokens / sec["captioner"]),
             "train_tokens_per_s_loop": round(n_tokens / sec["loop"]),
             "train_speedup": round(sec["loop"] / sec["captioner"], 2),
             "train_sizes": f"batch {batch}, {seq_len} steps, embed {cfg.model.embed_dim}, hidden "
-                           f"{cfg.model.hidden_dim}, feature {feature_dim}, vocab {vocab_size}, "
+                           f"{cfg.model.hidden_dim}, feature {feature_dim}{proj}, vocab {vocab_size}, "
                            f"{n_params(decoder) / 1e6:.1f}M params"}
 
 
 def quick_trained(cfg: Config, steps: int) -> tuple[Path, str]:
-    """Train the shipped config for a few steps on the cached features (no trained model exists yet)."""
+    """Train the shipped config for a few steps on the cached features (no trained model exists yet).
+
+    Kept in runs/benchmark_quick/ and reused by later runs: training is the slow part.
+    """
     from captioner.config import apply_overrides
     from captioner.train import train
 
-    out = Path(tempfile.mkdtemp(prefix="bench_model_"))
+    out = ROOT / "runs" / "benchmark_quick"
+    what = f"quickly trained by this script ({steps} Adam steps on the cached Flickr8k features)"
+    if (out / "best.pt").is_file():
+        return out / "best.pt", what
     quick = Config.from_dict(apply_overrides(cfg.to_dict(), [
         f"train.out_dir={out}", "train.epochs=1", f"train.max_steps={steps}", "train.dev_images=50",
         "train.lr=3.0e-3", "train.log_every=1000", "train.num_workers=0",
         f"data.root={ROOT / cfg.data.root}", f"data.feature_cache={ROOT / cfg.data.feature_cache}"]))
     train(quick)
-    return out / "best.pt", f"quickly trained here ({steps} Adam steps on the cached Flickr8k features)"
+    return out / "best.pt", what
 
 
 def pick_model(explicit: str | None, cfg: Config, train_steps: int) -> tuple[Path, str]:
@@ -274,7 +288,7 @@ def main(argv=None) -> int:
     cfg = load_config(CONFIG)
     n_images = args.images or (20 if args.quick else 100)
 
-    model_path, model = pick_model(args.checkpoint, cfg, train_steps=30 if args.quick else 80)
+    model_path, model = pick_model(args.checkpoint, cfg, train_steps=60)
     payload = ckpt.load(model_path)
     feats, feats_src = dev_features(Config.from_dict(payload["config"]), n_images)
     r = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_model(),

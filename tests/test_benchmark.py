@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from captioner.config import ModelConfig
@@ -13,9 +14,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from benchmark import LoopDecoder, n_params  # noqa: E402
 
 
-def test_loop_decoder_is_the_same_math_as_decoder():
+@pytest.mark.parametrize("feature_proj", [0, 8])
+def test_loop_decoder_is_the_same_math_as_decoder(feature_proj):
     torch.manual_seed(0)
-    dec = Decoder(ModelConfig(embed_dim=16, hidden_dim=24), vocab_size=30, feature_dim=12).eval()
+    dec = Decoder(ModelConfig(embed_dim=16, hidden_dim=24, feature_proj=feature_proj), vocab_size=30,
+                  feature_dim=12).eval()
     ref = LoopDecoder.like(dec).eval()
     assert n_params(ref) == n_params(dec)
     feats, tokens = torch.randn(4, 12), torch.randint(0, 30, (4, 7))
