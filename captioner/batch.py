@@ -117,6 +117,8 @@ class OutputFile:
             return {r[0] for r in rows[1:]}
         names = set()
         for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
             try:
                 names.add(json.loads(line)["image"])
             except (ValueError, KeyError, TypeError):

@@ -34,7 +34,7 @@ PHOTOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flick
 def photos(n: int, folder: Path = PHOTOS) -> list[Path]:
     found = sorted(folder.glob("*.jpg"))[:n]
     if len(found) < n:
-        raise SystemExit(f"need {n} photos in {folder}, found {len(found)}")
+        raise FileNotFoundError(f"need {n} photos in {folder}, found {len(found)}")
     return found
 
 
@@ -104,8 +104,12 @@ def main(argv=None) -> int:
         print(f"The default model is not installed ({DEFAULT_CHECKPOINT}); pass --checkpoint "
               "(e.g. runs/flickr8k_lite0/best.pt).", file=sys.stderr)
         return 2
-    r = run(args.checkpoint, args.images, args.batch_size, args.workers, args.repeats, args.latency_images,
-            args.beam, args.device)
+    try:
+        r = run(args.checkpoint, args.images, args.batch_size, args.workers, args.repeats, args.latency_images,
+                args.beam, args.device)
+    except FileNotFoundError as e:
+        print(e, file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(r))
     else:
