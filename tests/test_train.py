@@ -73,7 +73,7 @@ def test_finetuning_the_encoder_trains_on_images_and_stores_its_weights(tiny_dat
     from captioner import Captioner
 
     cfg = tiny_config(tiny_data, tmp_path, "model.finetune_encoder=true", "train.epochs=1", "train.max_steps=2",
-                      "train.batch_size=8")
+                      "train.batch_size=4", "train.dev_images=4")
     before = build_encoder("efficientnet_lite0").state_dict()
     model = train(cfg)
     after = model.encoder.state_dict()
