@@ -160,13 +160,13 @@ class OutputFile:
                 os.close(dir_fd)
 
 
-class _Item(NamedTuple):
+class FileItem(NamedTuple):
     name: str
     pixels: torch.Tensor | None
     error: str | None
 
 
-class _Files(Dataset):
+class FileDataset(Dataset):
     """Runs in the DataLoader workers: open + preprocess one file, or describe why it failed."""
 
     def __init__(self, root: Path, names: list[str], preprocess):
@@ -175,24 +175,24 @@ class _Files(Dataset):
     def __len__(self):
         return len(self.names)
 
-    def __getitem__(self, i) -> _Item:
+    def __getitem__(self, i) -> FileItem:
         name = self.names[i]
         try:
-            return _Item(name, self.preprocess(self.root / name), None)
+            return FileItem(name, self.preprocess(self.root / name), None)
         except ImageError as e:
-            return _Item(name, None, str(e))
+            return FileItem(name, None, str(e))
         except Exception as e:  # a decoder bug on one odd file must not end the whole run
-            return _Item(name, None, f"cannot read image: {type(e).__name__}: {e}")
+            return FileItem(name, None, f"cannot read image: {type(e).__name__}: {e}")
 
 
-class _Batch(NamedTuple):
-    items: list[_Item]
+class FileBatch(NamedTuple):
+    items: list[FileItem]
     pixels: torch.Tensor | None  # the readable items' tensors, stacked in item order
 
 
-def _collate(items: list[_Item]) -> _Batch:
+def collate_files(items: list[FileItem]) -> FileBatch:
     ok = [it.pixels for it in items if it.pixels is not None]
-    return _Batch(items, torch.stack(ok) if ok else None)
+    return FileBatch(items, torch.stack(ok) if ok else None)
 
 
 class Summary(NamedTuple):
@@ -219,8 +219,8 @@ def caption_dir(captioner: Captioner, root: str | Path, out: str | Path, *, recu
     summary = dict(total=len(files), skipped=len(files) - len(todo), captioned=0, errors=0)
     if not todo:
         return Summary(**summary)
-    loader = DataLoader(_Files(root, todo, captioner.preprocess), batch_size=batch_size, num_workers=workers,
-                        collate_fn=_collate, pin_memory=captioner.device.type == "cuda")
+    loader = DataLoader(FileDataset(root, todo, captioner.preprocess), batch_size=batch_size, num_workers=workers,
+                        collate_fn=collate_files, pin_memory=captioner.device.type == "cuda")
     with tqdm(total=len(files), initial=summary["skipped"], unit="img", desc="caption-dir",
               disable=not progress, dynamic_ncols=True) as bar:
         for batch in loader:

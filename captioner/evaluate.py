@@ -104,7 +104,7 @@ def caption_split(captioner, examples: list[Example], batch_size: int = 32, work
     from tqdm import tqdm
 
     # caption-dir's loader: workers preprocess the files; an unreadable one becomes an error item.
-    from .batch import _collate, _Files
+    from .batch import collate_files, FileDataset
 
     out = Captions()
     usable: list[Example] = []
@@ -115,8 +115,8 @@ def caption_split(captioner, examples: list[Example], batch_size: int = 32, work
             out.skip(MISSING_FILE, ex.image_id)
         else:
             usable.append(ex)
-    files = _Files(Path("."), [str(ex.path) for ex in usable], captioner.preprocess)
-    loader = DataLoader(files, batch_size=batch_size, num_workers=workers, collate_fn=_collate)
+    files = FileDataset(Path("."), [str(ex.path) for ex in usable], captioner.preprocess)
+    loader = DataLoader(files, batch_size=batch_size, num_workers=workers, collate_fn=collate_files)
     done = 0
     for batch in tqdm(loader, desc="captioning", unit="batch", disable=not progress, file=sys.stderr):
         readable = []
