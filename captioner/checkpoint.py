@@ -39,6 +39,9 @@ def save(path: str | Path, *, config: dict, vocab: dict, decoder: dict, encoder:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint should read like any file written
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
