@@ -130,10 +130,9 @@ def train(cfg: Config, resume: bool = False) -> Trainable:
     np.random.seed(t.seed)
     torch.manual_seed(t.seed)
 
-    train_ex = [ex for ex in load_split(cfg.data, cfg.data.train_split)]
-    dev_ex = load_split(cfg.data, cfg.data.dev_split)
-    if t.dev_images:
-        dev_ex = dev_ex[: t.dev_images]
+    train_ex = load_split(cfg.data, cfg.data.train_split)
+    dev_all = load_split(cfg.data, cfg.data.dev_split)
+    dev_ex = dev_all[: t.dev_images] if t.dev_images else dev_all
     state = checkpoint.load(out / "last.pt") if resume else None
     vocab = Vocab.from_dict(state["vocab"]) if state else Vocab.build(
         (c for ex in train_ex for c in ex.captions), cfg.data.min_count)
@@ -144,8 +143,7 @@ def train(cfg: Config, resume: bool = False) -> Trainable:
         train_src, dev_src = ImageFiles(train_ex, encoder.transform), ImageFiles(dev_ex, encoder.transform)
     else:
         train_src = open_features(cfg.data.feature_cache, cfg.data.train_split, train_ex, encoder.name)
-        dev_src = open_features(cfg.data.feature_cache, cfg.data.dev_split, load_split(cfg.data, cfg.data.dev_split),
-                                encoder.name)[: len(dev_ex)]
+        dev_src = open_features(cfg.data.feature_cache, cfg.data.dev_split, dev_all, encoder.name)[: len(dev_ex)]
     decoder = Decoder(cfg.model, len(vocab), encoder.dim)
     model = Trainable(decoder, encoder if finetune else None).to(device)
     if state:
@@ -182,9 +180,7 @@ def train(cfg: Config, resume: bool = False) -> Trainable:
     for epoch in range(first_epoch, t.epochs + 1):
         if bad_epochs >= t.patience or (t.max_steps and step >= t.max_steps):
             break
-        model.train()
-        if encoder is not None and not finetune:
-            encoder.eval()
+        model.train()  # a frozen encoder is not part of `model`, so it stays in eval mode
         batches.set_epoch(epoch)
         tic, total, count = time.time(), 0.0, 0
         bar = tqdm(loader, desc=f"epoch {epoch}", disable=not main, leave=False)
