@@ -65,7 +65,7 @@ def load(path: str | Path) -> dict:
             f"(loading them could run arbitrary code): {str(e).splitlines()[0]}"
         ) from None
     except Exception as e:
-        raise CheckpointError(f"{path} is not a readable checkpoint: {e}") from None
+        raise CheckpointError(f"{path} is not a checkpoint file (torch.load failed: {type(e).__name__}: {e})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a captioner checkpoint (expected format {FORMAT!r})")
     for key in ("decoder", "encoder"):
