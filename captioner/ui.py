@@ -83,7 +83,7 @@ def build_ui(captioner: Captioner, caption=None, examples: list[str] | None = No
                     run = gr.Button("Caption", variant="primary", elem_id="caption-button")
                 with gr.Column():
                     best = gr.Textbox(label="Caption", elem_id="caption", interactive=False)
-                    table = gr.Dataframe(headers=["caption", "score (log-prob)"], label="N best",
+                    table = gr.Dataframe(headers=["caption", "score (log-prob, length-normalised)"], label="N best",
                                          interactive=False, wrap=True, column_widths=["75%", "25%"])
             if examples:
                 gr.Examples(examples=[[p] for p in examples], inputs=[image], cache_examples=False)
