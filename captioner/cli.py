@@ -17,6 +17,15 @@ def _decode_args(p):
     p.add_argument("--length-penalty", choices=["none", "avg", "wu"], default=None)
 
 
+def _decode_options(args) -> dict:
+    return dict(beam_size=args.beam, max_len=args.max_len, length_penalty=args.length_penalty)
+
+
+def _server_args(p, port: int):
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 for every one)")
+    p.add_argument("--port", type=int, default=port)
+
+
 def cmd_caption(args):
     from .images import ImageError
     from .inference import Captioner
@@ -25,8 +34,7 @@ def cmd_caption(args):
     failed = 0
     for path in args.images:
         try:
-            result = cap.caption(path, beam_size=args.beam, max_len=args.max_len, n_best=args.n_best,
-                                 length_penalty=args.length_penalty)
+            result = cap.caption(path, n_best=args.n_best, **_decode_options(args))
         except ImageError as e:
             failed += 1
             print(json.dumps({"image": path, "error": str(e)}) if args.json else f"{path}\terror: {e}",
@@ -45,8 +53,7 @@ def cmd_caption_dir(args):
     cap = Captioner.load(args.checkpoint, device=args.device)
     exts = args.ext.split(",") if args.ext else DEFAULT_EXTS
     s = caption_dir(cap, args.dir, args.out, recursive=args.recursive, exts=exts,
-                    batch_size=args.batch_size, workers=args.workers, shard_spec=shard_spec,
-                    beam_size=args.beam, max_len=args.max_len, length_penalty=args.length_penalty)
+                    batch_size=args.batch_size, workers=args.workers, shard_spec=shard_spec, **_decode_options(args))
     print(f"{s.total} images: {s.captioned} captioned, {s.errors} errors, {s.skipped} already in {args.out}",
           file=sys.stderr)
     return 0
@@ -58,7 +65,7 @@ def cmd_evaluate(args):
     report = evaluate(args.data, args.split, args.images, checkpoint=args.checkpoint, device=args.device,
                       results=args.results, human=args.human, coco=False if args.no_coco else None,
                       out=args.out, batch_size=args.batch_size, workers=args.workers, progress=not args.json,
-                      beam_size=args.beam, max_len=args.max_len, length_penalty=args.length_penalty)
+                      **_decode_options(args))
     print(json.dumps(report) if args.json else format_report(report))
     return 0
 
@@ -153,14 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the Gradio demo in the browser")
     _checkpoint_arg(p)
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 for every one)")
-    p.add_argument("--port", type=int, default=7860)
+    _server_args(p, port=7860)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("serve", help="HTTP API (POST /v1/captions, docs at /docs) with the demo UI at /")
     _checkpoint_arg(p)
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 for every one)")
-    p.add_argument("--port", type=int, default=8000)
+    _server_args(p, port=8000)
     p.add_argument("--max-files", type=int, help="images per request (default 16)")
     p.add_argument("--max-upload-mb", type=float, help="request body limit (default 20)")
     p.add_argument("--max-pixels", type=int, help="width x height limit of one image (default 40 million)")

@@ -93,8 +93,10 @@ def beam_search(decoder, feats, *, start, end, beam_size=3, max_len=20, length_p
         raise ValueError(f"n_best must be between 1 and beam_size ({beam_size}), got {n_best}")
     penalty(torch.ones(1), length_penalty, alpha)  # reject an unknown penalty before any work
     B, k, dev = feats.shape[0], beam_size, feats.device
-    v = decoder.features(feats).repeat_interleave(k, dim=0)  # row b*k + j is beam j of image b
-    state, ctx = decoder.initial_state(v), decoder.step_context(v)
+    v = decoder.features(feats)  # per image; rows are expanded to beams below, not recomputed
+    rows = torch.arange(B, device=dev).repeat_interleave(k)  # row b*k + j is beam j of image b
+    state = reorder_state(decoder.initial_state(v), rows)
+    ctx = decoder.step_context(v).index_select(0, rows)
     tokens = torch.full((B * k,), start, dtype=torch.long, device=dev)
     scores = torch.full((B, k), float("-inf"), device=dev)
     scores[:, 0] = 0.0  # all beams start identical: keep one, or the top-k would be k copies
@@ -102,12 +104,12 @@ def beam_search(decoder, feats, *, start, end, beam_size=3, max_len=20, length_p
     finished = torch.zeros(B, k, dtype=torch.bool, device=dev)
     seqs = torch.zeros(B, k, 0, dtype=torch.long, device=dev)
     offsets = torch.arange(B, device=dev)[:, None] * k
+    V = decoder.out.out_features
+    frozen = torch.full((V,), float("-inf"), device=dev)
+    frozen[0] = 0.0  # a finished beam continues only with padding, at no cost
     for t in range(max_len):
         logp, state = decoder.step(ctx, tokens, state)
-        V = logp.shape[-1]
         logp = _ban(logp, banned).view(B, k, V)
-        frozen = torch.full((V,), float("-inf"), device=dev)
-        frozen[0] = 0.0  # a finished beam continues only with padding, at no cost
         logp = torch.where(finished[..., None], frozen, logp)
         cand = scores[..., None] + logp
         cand_len = lengths + (~finished).long()
