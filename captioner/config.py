@@ -44,6 +44,9 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     out_dir: str = "runs/default"
+    objective: str = "xe"  # xe: teacher-forced cross-entropy | scst: self-critical BLEU (see captioner.scst)
+    init_from: str | None = None  # checkpoint whose weights and vocabulary start the run (scst fine-tuning)
+    scst_samples: int = 5  # captions sampled per image for scst; batch_size then counts images
     seed: int = 0
     device: str = "auto"
     epochs: int = 20
@@ -101,6 +104,14 @@ def _section(_type, name: str, values: dict):
     unknown = set(values) - known
     if unknown:
         raise ValueError(f"unknown key(s) in config section '{name}': {sorted(unknown)}; known: {sorted(known)}")
+    types = {f.name: f.type for f in dataclasses.fields(klass)}
+    for key, value in values.items():
+        # YAML reads 5e-3 (no dot) as a string; a float field takes it as the number it is.
+        if types[key] == "float" and isinstance(value, (str, int)) and not isinstance(value, bool):
+            try:
+                values[key] = float(value)
+            except ValueError:
+                raise ValueError(f"config {name}.{key} must be a number, got {value!r}") from None
     return klass(**values)
 
 

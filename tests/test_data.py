@@ -72,6 +72,10 @@ def test_config_rejects_unknown_keys_and_parses_overrides():
         load_config(None, ["train.lr_typo=1"])
     with pytest.raises(ValueError, match="section.key=value"):
         load_config(None, ["lr=1"])
+    # YAML 1.1 reads 5e-3 as a string; float fields take it as a number, or say what is wrong.
+    assert load_config(None, ["train.lr=5e-3"]).train.lr == 0.005
+    with pytest.raises(ValueError, match="train.lr must be a number"):
+        load_config(None, ["train.lr=fast"])
 
 
 def test_coco_vgg16_config_loads_and_fails_only_for_missing_weights_and_data(monkeypatch, tmp_path, capsys):
