@@ -88,7 +88,11 @@ def sample(decoder, feats, *, start, end, max_len=20, temperature=1.0, top_k=0, 
 @torch.inference_mode()
 def beam_search(decoder, feats, *, start, end, beam_size=3, max_len=20, length_penalty="none", alpha=0.7, n_best=1,
                 banned=(0,)):
-    """Returns, per image, the n_best hypotheses, best first."""
+    """Returns, per image, the n_best hypotheses, best first.
+
+    An image whose k beams have all finished leaves the batch: the images still
+    searching do not pay for it in the later steps.
+    """
     if not 1 <= n_best <= beam_size:
         raise ValueError(f"n_best must be between 1 and beam_size ({beam_size}), got {n_best}")
     penalty(torch.ones(1), length_penalty, alpha)  # reject an unknown penalty before any work
@@ -103,32 +107,45 @@ def beam_search(decoder, feats, *, start, end, beam_size=3, max_len=20, length_p
     lengths = torch.zeros(B, k, dtype=torch.long, device=dev)
     finished = torch.zeros(B, k, dtype=torch.bool, device=dev)
     seqs = torch.zeros(B, k, 0, dtype=torch.long, device=dev)
-    offsets = torch.arange(B, device=dev)[:, None] * k
+    images = torch.arange(B, device=dev)  # which input image each active row block is
     V = decoder.out.out_features
     frozen = torch.full((V,), float("-inf"), device=dev)
     frozen[0] = 0.0  # a finished beam continues only with padding, at no cost
+    results: list[list[Hypothesis]] = [[] for _ in range(B)]
+
+    def emit(sel):  # write out the hypotheses of the active images `sel` (a bool mask)
+        final = scores[sel] / penalty(lengths[sel], length_penalty, alpha)
+        order = final.argsort(dim=1, descending=True, stable=True)[:, :n_best]
+        best = seqs[sel].gather(1, order[..., None].expand(-1, -1, seqs.shape[2])).tolist()
+        for b, img_seqs, img_scores in zip(images[sel].tolist(), best, final.gather(1, order).tolist()):
+            results[b] = [Hypothesis(_strip(s, end), sc) for s, sc in zip(img_seqs, img_scores)
+                          if sc != float("-inf")]
+
     for t in range(max_len):
+        n = images.shape[0]
         logp, state = decoder.step(ctx, tokens, state)
-        logp = _ban(logp, banned).view(B, k, V)
+        logp = _ban(logp, banned).view(n, k, V)
         logp = torch.where(finished[..., None], frozen, logp)
         cand = scores[..., None] + logp
         cand_len = lengths + (~finished).long()
         rank = cand / penalty(cand_len, length_penalty, alpha)[..., None]
-        idx = rank.view(B, -1).topk(k, dim=1).indices
+        idx = rank.view(n, -1).topk(k, dim=1).indices
         beam, tok = idx // V, idx % V
-        scores = cand.view(B, -1).gather(1, idx)
+        scores = cand.view(n, -1).gather(1, idx)
         lengths = cand_len.gather(1, beam)
         finished = finished.gather(1, beam) | (tok == end)
         seqs = torch.cat([seqs.gather(1, beam[..., None].expand(-1, -1, t)), tok[..., None]], dim=2)
-        state = reorder_state(state, (beam + offsets).view(-1))
+        state = reorder_state(state, (beam + torch.arange(n, device=dev)[:, None] * k).view(-1))
         tokens = tok.view(-1)
-        if finished.all():
-            break
-    final = scores / penalty(lengths, length_penalty, alpha)
-    order = final.argsort(dim=1, descending=True, stable=True)[:, :n_best]
-    best_seqs = seqs.gather(1, order[..., None].expand(-1, -1, seqs.shape[2])).tolist()
-    best_scores = final.gather(1, order).tolist()
-    return [
-        [Hypothesis(_strip(s, end), sc) for s, sc in zip(img_seqs, img_scores) if sc != float("-inf")]
-        for img_seqs, img_scores in zip(best_seqs, best_scores)
-    ]
+        done = finished.all(dim=1)
+        if done.any():
+            emit(done)
+            keep = ~done
+            if not keep.any():
+                break
+            keep_rows = keep.repeat_interleave(k).nonzero().squeeze(1)
+            images, scores, lengths, finished, seqs = (x[keep] for x in (images, scores, lengths, finished, seqs))
+            state, ctx, tokens = reorder_state(state, keep_rows), ctx[keep_rows], tokens[keep_rows]
+    else:
+        emit(torch.ones_like(images, dtype=torch.bool))
+    return results
