@@ -3,8 +3,9 @@
     captioner train --config configs/flickr8k_lite0.yaml [section.key=value ...]
     torchrun --nproc_per_node 2 -m captioner.cli train --config ...     # DistributedDataParallel
 
-Each epoch: masked cross-entropy with Adam, gradient clipping and a per-step LR
-schedule; then dev BLEU-4 on decoded captions (beam search, not teacher forcing)
+Each epoch: masked cross-entropy (or, with `train.objective: scst`, self-critical
+BLEU from a trained checkpoint: captioner.scst) with Adam, gradient clipping and a
+per-step LR schedule; then dev BLEU-4 on decoded captions (beam search, not teacher forcing)
 decides `best.pt` and early stopping. `last.pt` carries optimizer, scheduler, RNG
 and epoch so `--resume` continues exactly where the run stopped.
 """
@@ -32,7 +33,8 @@ from .encoders import build_encoder
 from .features import ImageFiles, extract, open_features
 from .inference import Captioner, resolve_device
 from .metrics import bleu
-from .vocab import Vocab
+from .scst import Images, self_critical_loss
+from .vocab import Vocab, tokenize
 
 
 def extract_all(cfg: Config, batch_size: int = 64, num_workers: int = 2) -> None:
@@ -102,7 +104,8 @@ def _plot(history: list[dict], path: Path) -> None:
 
     epochs = [h["epoch"] for h in history]
     fig, ax1 = plt.subplots(figsize=(6, 3.5))
-    ax1.plot(epochs, [h["train_loss"] for h in history], "o-", label="train loss")
+    if "train_loss" in history[0]:  # scst epochs log a reward instead
+        ax1.plot(epochs, [h["train_loss"] for h in history], "o-", label="train loss")
     ax1.plot(epochs, [h["dev_loss"] for h in history], "s-", label="dev loss")
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("cross-entropy")
@@ -133,8 +136,15 @@ def train(cfg: Config, resume: bool = False) -> Trainable:
     train_ex = load_split(cfg.data, cfg.data.train_split)
     dev_all = load_split(cfg.data, cfg.data.dev_split)
     dev_ex = dev_all[: t.dev_images] if t.dev_images else dev_all
+    if t.objective not in ("xe", "scst"):
+        raise ValueError(f"unknown objective {t.objective!r}; choose xe or scst")
+    scst = t.objective == "scst"
+    if scst and not t.init_from:
+        raise ValueError("objective scst fine-tunes a trained model: set train.init_from to its checkpoint")
     state = checkpoint.load(out / "last.pt") if resume else None
-    vocab = Vocab.from_dict(state["vocab"]) if state else Vocab.build(
+    init = checkpoint.load(t.init_from) if t.init_from and not state else None
+    start = state or init
+    vocab = Vocab.from_dict(start["vocab"]) if start else Vocab.build(
         (c for ex in train_ex for c in ex.captions), cfg.data.min_count)
 
     finetune = cfg.model.finetune_encoder
@@ -146,17 +156,22 @@ def train(cfg: Config, resume: bool = False) -> Trainable:
         dev_src = open_features(cfg.data.feature_cache, cfg.data.dev_split, dev_all, encoder.name)[: len(dev_ex)]
     decoder = Decoder(cfg.model, len(vocab), encoder.dim)
     model = Trainable(decoder, encoder if finetune else None).to(device)
-    if state:
-        decoder.load_state_dict(state["decoder"])
-        if finetune:
-            encoder.load_state_dict(state["encoder"])
+    if start:
+        decoder.load_state_dict(start["decoder"])
+        if finetune and start.get("encoder"):
+            encoder.load_state_dict(start["encoder"])
     ddp_model = nn.parallel.DistributedDataParallel(model) if distributed else model
 
-    train_set = CaptionDataset(train_ex, vocab, train_src, cfg.data.max_caption_len)
     dev_set = CaptionDataset(dev_ex, vocab, dev_src, cfg.data.max_caption_len)
-    batches = LengthBatches([len(ids) for _, ids in train_set.pairs], t.batch_size, t.seed, rank,
-                            dist.get_world_size() if distributed else 1)
-    loader = DataLoader(train_set, batch_sampler=batches, collate_fn=collate, num_workers=t.num_workers)
+    if scst:  # batches of images; all "lengths" equal, so LengthBatches just shuffles (and shards for DDP)
+        train_set, train_collate = Images(train_src), None
+        lengths = [1] * len(train_set)
+        references = [[tokenize(c) for c in ex.captions] for ex in train_ex]
+    else:
+        train_set, train_collate = CaptionDataset(train_ex, vocab, train_src, cfg.data.max_caption_len), collate
+        lengths = [len(ids) for _, ids in train_set.pairs]
+    batches = LengthBatches(lengths, t.batch_size, t.seed, rank, dist.get_world_size() if distributed else 1)
+    loader = DataLoader(train_set, batch_sampler=batches, collate_fn=train_collate, num_workers=t.num_workers)
     dev_loader = DataLoader(dev_set, batch_size=512, collate_fn=collate)
     total_steps = t.epochs * len(loader)  # max_steps only cuts a run short; the schedule stays the same
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=t.lr,
@@ -174,31 +189,41 @@ def train(cfg: Config, resume: bool = False) -> Trainable:
     writer = _tensorboard(out) if main else None
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        print(f"train: {len(train_ex)} images, {len(train_set)} captions; dev: {len(dev_ex)} images; "
+        print(f"train ({t.objective}): {len(train_ex)} images, {len(train_set)} items; dev: {len(dev_ex)} images; "
               f"vocab {len(vocab)}; decoder {sum(p.numel() for p in decoder.parameters()) / 1e6:.2f}M params")
 
     for epoch in range(first_epoch, t.epochs + 1):
         if bad_epochs >= t.patience or (t.max_steps and step >= t.max_steps):
             break
-        model.train()  # a frozen encoder is not part of `model`, so it stays in eval mode
+        # A frozen encoder is not part of `model`, so it stays in eval mode. scst samples and
+        # scores with one policy: no dropout.
+        model.train(not scst)
         batches.set_epoch(epoch)
         tic, total, count = time.time(), 0.0, 0
         bar = tqdm(loader, desc=f"epoch {epoch}", disable=not main, leave=False)
-        for inputs, tokens, targets in bar:
-            loss = caption_loss(ddp_model(inputs.to(device), tokens.to(device)), targets.to(device),
-                                t.label_smoothing)
+        for batch in bar:
+            if scst:
+                inputs, idx = batch
+                loss, r = self_critical_loss(ddp_model, inputs.to(device), [references[i] for i in idx.tolist()],
+                                             vocab, t.scst_samples, cfg.decode.max_len)
+            else:
+                inputs, tokens, targets = batch
+                loss = caption_loss(ddp_model(inputs.to(device), tokens.to(device)), targets.to(device),
+                                    t.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
             optimizer.step()
             scheduler.step()
             step += 1
-            total, count = total + loss.item(), count + 1
+            total, count = total + (r if scst else loss.item()), count + 1
             if step % t.log_every == 0:
-                bar.set_postfix(loss=f"{total / count:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                bar.set_postfix({"reward" if scst else "loss": f"{total / count:.3f}",
+                                 "lr": f"{scheduler.get_last_lr()[0]:.2e}"})
             if t.max_steps and step >= t.max_steps:
                 break
-        record = {"epoch": epoch, "step": step, "train_loss": total / max(1, count), "lr": scheduler.get_last_lr()[0],
+        record = {"epoch": epoch, "step": step, "train_reward" if scst else "train_loss": total / max(1, count),
+                  "lr": scheduler.get_last_lr()[0],
                   "epoch_seconds": round(time.time() - tic, 1)}
         improved = False
         if main:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import ROOT, tiny_config
@@ -100,3 +101,26 @@ def test_ddp_two_processes_keep_identical_parameters(tiny_run, tmp_path):
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
     log = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert len(log) == 2 and log[1]["train_loss"] < log[0]["train_loss"]
+
+
+def test_self_critical_training_raises_the_reward_from_a_trained_start(tiny_run, tmp_path):
+    cfg0, best = tiny_run
+    cfg = tiny_config(Path(cfg0.data.root), tmp_path, "train.objective=scst", "train.epochs=6",
+                      f"train.init_from={best}", "train.lr=5e-3", "train.batch_size=8",
+                      f"data.feature_cache={cfg0.data.feature_cache}")
+    torch.manual_seed(0)
+    tuned = train(cfg)
+    log = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert "train_loss" not in log[0]
+    assert log[-1]["train_reward"] > log[0]["train_reward"] + 0.05, [r["train_reward"] for r in log]
+    start = checkpoint.load(best)
+    assert checkpoint.load(tmp_path / "run/last.pt")["vocab"] == start["vocab"]  # the start's vocabulary
+    assert any(not torch.equal(a, b) for a, b in zip(start["decoder"].values(), tuned.decoder.state_dict().values()))
+
+
+def test_self_critical_training_needs_a_start(tiny_run, tmp_path):
+    cfg0, _ = tiny_run
+    cfg = tiny_config(Path(cfg0.data.root), tmp_path, "train.objective=scst",
+                      f"data.feature_cache={cfg0.data.feature_cache}")
+    with pytest.raises(ValueError, match="init_from"):
+        train(cfg)

@@ -1,0 +1,76 @@
+"""Self-critical sequence training (Rennie et al. 2017): fine-tune a trained captioner on BLEU itself.
+
+Teacher forcing never lets the model see its own captions, and cross-entropy is not
+BLEU. Here, for every image the model samples k captions; each earns its sentence
+BLEU-4 against the image's references, and the mean reward of the image's other k-1
+samples is its baseline (no greedy pass needed). The loss raises the log-probability
+of samples that beat their baseline and lowers the others'.
+
+Sampling and scoring use the same policy: the caller puts the model in eval mode
+(no dropout) for these steps.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+from torch.utils.data import Dataset
+
+from .search import sample
+from .vocab import Vocab
+
+_SMOOTH = SmoothingFunction().method1  # unsmoothed sentence BLEU-4 is 0 for most samples
+
+
+def reward(hypothesis: list[str], references: list[list[str]]) -> float:
+    """Sentence BLEU-4 (0-1) of one tokenized caption against tokenized references."""
+    with warnings.catch_warnings():  # nltk warns on zero n-gram overlap; 0 is the answer
+        warnings.simplefilter("ignore", UserWarning)
+        return sentence_bleu(references, hypothesis, smoothing_function=_SMOOTH)
+
+
+class Images(Dataset):
+    """One item per image: (its input, its index), for drawing image batches."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        x = self.source[i]
+        if isinstance(x, np.ndarray):  # a cached feature row (fp16, read-only memmap)
+            x = torch.from_numpy(x.astype(np.float32))
+        return x, i
+
+
+def self_critical_loss(model, inputs: torch.Tensor, references: list[list[list[str]]], vocab: Vocab,
+                       samples: int, max_len: int) -> tuple[torch.Tensor, float]:
+    """Policy-gradient loss for a batch of images, and the mean reward of its samples.
+
+    `model(inputs, tokens)` gives teacher-forced logits (a train.Trainable, DDP-wrapped or not);
+    `references[b]` are image b's tokenized reference captions.
+    """
+    if samples < 2:
+        raise ValueError("self-critical training needs at least 2 samples per image (their mean is the baseline)")
+    core = getattr(model, "module", model)  # the Trainable inside DistributedDataParallel
+    inputs = inputs.repeat_interleave(samples, 0)
+    with torch.no_grad():
+        feats = core.encoder(inputs) if core.encoder is not None else inputs
+    hyps = sample(core.decoder, feats, start=vocab.start, end=vocab.end, max_len=max_len,
+                  banned=(vocab.pad, vocab.start, vocab.unk))
+    seqs = [h[0].tokens for h in hyps]
+    r = torch.tensor([reward([vocab.itos[t] for t in s], references[i // samples]) for i, s in enumerate(seqs)],
+                     device=inputs.device).view(-1, samples)
+    advantage = (r - (r.sum(1, keepdim=True) - r) / (samples - 1)).view(-1, 1)
+    # A sample cut off at max_len never chose <end>, so <end> is not part of what is scored.
+    ids = torch.nn.utils.rnn.pad_sequence(
+        [torch.tensor([vocab.start, *s] + ([vocab.end] if len(s) < max_len else [])) for s in seqs],
+        batch_first=True).to(inputs.device)
+    tokens, targets = ids[:, :-1], ids[:, 1:]
+    logp = model(inputs, tokens).log_softmax(-1).gather(2, targets.unsqueeze(2)).squeeze(2)
+    mask = targets != 0
+    return -(advantage * logp)[mask].sum() / mask.sum(), r.mean().item()
