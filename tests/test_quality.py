@@ -15,7 +15,7 @@ from captioner.evaluate import evaluate
 from captioner.inference import DEFAULT_CHECKPOINT
 
 N_IMAGES = 500
-MEASURED_BLEU4 = 19.30  # measured on the committed model (beam 5, Wu length penalty alpha 1.0)
+MEASURED_BLEU4 = 21.19  # measured on the committed model (XE then self-critical; beam 5, Wu alpha 1.0)
 MARGIN = 1.0
 
 
