@@ -47,6 +47,7 @@ class TrainConfig:
     objective: str = "xe"  # xe: teacher-forced cross-entropy | scst: self-critical BLEU (see captioner.scst)
     init_from: str | None = None  # checkpoint whose weights and vocabulary start the run (scst fine-tuning)
     scst_samples: int = 5  # captions sampled per image for scst; batch_size then counts images
+    precision: str = "fp32"  # fp32 | bf16: forward and loss under bf16 autocast (fast on AMX CPUs and recent GPUs)
     seed: int = 0
     device: str = "auto"
     epochs: int = 20

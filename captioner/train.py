@@ -139,6 +139,8 @@ def train(cfg: Config, resume: bool = False) -> Trainable:
     if t.objective not in ("xe", "scst"):
         raise ValueError(f"unknown objective {t.objective!r}; choose xe or scst")
     scst = t.objective == "scst"
+    if t.precision not in ("fp32", "bf16"):
+        raise ValueError(f"unknown precision {t.precision!r}; choose fp32 or bf16")
     if scst and not t.init_from:
         raise ValueError("objective scst fine-tunes a trained model: set train.init_from to its checkpoint")
     state = checkpoint.load(out / "last.pt") if resume else None
@@ -192,6 +194,15 @@ def train(cfg: Config, resume: bool = False) -> Trainable:
         print(f"train ({t.objective}): {len(train_ex)} images, {len(train_set)} items; dev: {len(dev_ex)} images; "
               f"vocab {len(vocab)}; decoder {sum(p.numel() for p in decoder.parameters()) / 1e6:.2f}M params")
 
+    def step_loss(batch):  # (loss, mean reward of the samples for scst, else None)
+        if scst:
+            inputs, idx = batch
+            return self_critical_loss(ddp_model, inputs.to(device), [references[i] for i in idx.tolist()],
+                                      vocab, t.scst_samples, cfg.decode.max_len)
+        inputs, tokens, targets = batch
+        return caption_loss(ddp_model(inputs.to(device), tokens.to(device)), targets.to(device),
+                            t.label_smoothing), None
+
     for epoch in range(first_epoch, t.epochs + 1):
         if bad_epochs >= t.patience or (t.max_steps and step >= t.max_steps):
             break
@@ -202,14 +213,9 @@ def train(cfg: Config, resume: bool = False) -> Trainable:
         tic, total, count = time.time(), 0.0, 0
         bar = tqdm(loader, desc=f"epoch {epoch}", disable=not main, leave=False)
         for batch in bar:
-            if scst:
-                inputs, idx = batch
-                loss, r = self_critical_loss(ddp_model, inputs.to(device), [references[i] for i in idx.tolist()],
-                                             vocab, t.scst_samples, cfg.decode.max_len)
-            else:
-                inputs, tokens, targets = batch
-                loss = caption_loss(ddp_model(inputs.to(device), tokens.to(device)), targets.to(device),
-                                    t.label_smoothing)
+            # Weights and Adam stay fp32; bf16 only for the forward's matmuls (and the LSTM).
+            with torch.autocast(device.type, torch.bfloat16, enabled=t.precision == "bf16"):
+                loss, r = step_loss(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)

@@ -124,3 +124,16 @@ def test_self_critical_training_needs_a_start(tiny_run, tmp_path):
                       f"data.feature_cache={cfg0.data.feature_cache}")
     with pytest.raises(ValueError, match="init_from"):
         train(cfg)
+
+
+def test_bf16_training_lowers_the_loss_and_keeps_fp32_weights(tiny_run, tmp_path):
+    cfg0, _ = tiny_run
+    cfg = tiny_config(Path(cfg0.data.root), tmp_path, "train.precision=bf16", "train.epochs=4",
+                      f"data.feature_cache={cfg0.data.feature_cache}")
+    model = train(cfg)
+    log = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert log[-1]["train_loss"] < 0.8 * log[0]["train_loss"]
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    with pytest.raises(ValueError, match="precision"):
+        train(tiny_config(Path(cfg0.data.root), tmp_path / "x", "train.precision=fp8",
+                          f"data.feature_cache={cfg0.data.feature_cache}"))
