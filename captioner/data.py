@@ -120,10 +120,13 @@ class CaptionDataset(Dataset):
 
     def __getitem__(self, idx):
         i, ids = self.pairs[idx]
-        x = self.source[i]
-        if isinstance(x, np.ndarray):  # a cached feature row (fp16, read-only memmap)
-            x = torch.from_numpy(x.astype(np.float32))
-        return x, torch.tensor(ids)
+        return image_input(self.source, i), torch.tensor(ids)
+
+
+def image_input(source, i: int) -> torch.Tensor:
+    """`source[i]` as a tensor: a row of cached features (fp16, read-only memmap), or a transformed image."""
+    x = source[i]
+    return torch.from_numpy(x.astype(np.float32)) if isinstance(x, np.ndarray) else x
 
 
 class LengthBatches(Sampler):

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
 import torch
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from torch.utils.data import Dataset
 
+from .data import image_input
 from .search import sample
 from .vocab import Vocab
 
@@ -41,10 +41,7 @@ class Images(Dataset):
         return len(self.source)
 
     def __getitem__(self, i):
-        x = self.source[i]
-        if isinstance(x, np.ndarray):  # a cached feature row (fp16, read-only memmap)
-            x = torch.from_numpy(x.astype(np.float32))
-        return x, i
+        return image_input(self.source, i), i
 
 
 def self_critical_loss(model, inputs: torch.Tensor, references: list[list[list[str]]], vocab: Vocab,
