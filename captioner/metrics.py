@@ -23,6 +23,7 @@ from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
 
 from .vocab import TOKENIZER, tokenize
 
+_SENTENCE_SMOOTHING = SmoothingFunction().method1
 BLEU_WEIGHTS = [(1, 0, 0, 0), (0.5, 0.5, 0, 0), (1 / 3, 1 / 3, 1 / 3, 0), (0.25, 0.25, 0.25, 0.25)]
 BLEU_METHOD = f"nltk corpus_bleu, all references, no smoothing; tokens: {TOKENIZER}"
 SENTENCE_BLEU_METHOD = f"nltk BLEU of one image, smoothing method1 (epsilon 0.1); tokens: {TOKENIZER}"
@@ -37,10 +38,14 @@ def _corpus_bleu(hypotheses: list[str], references: list[list[str]], smoothing=N
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} reference lists")
     hyps = [tokenize(h) for h in hypotheses]
     refs = [[tokenize(r) for r in rs] for rs in references]
+    scores = _nltk_bleu(refs, hyps, BLEU_WEIGHTS, smoothing)
+    return {f"bleu{n}": 100 * s for n, s in enumerate(scores, 1)}
+
+
+def _nltk_bleu(refs, hyps, weights, smoothing):
     with warnings.catch_warnings():  # nltk warns on zero n-gram overlap; a score of 0 is the answer
         warnings.simplefilter("ignore", UserWarning)
-        scores = corpus_bleu(refs, hyps, weights=BLEU_WEIGHTS, smoothing_function=smoothing)
-    return {f"bleu{n}": 100 * s for n, s in enumerate(scores, 1)}
+        return corpus_bleu(refs, hyps, weights=weights, smoothing_function=smoothing)
 
 
 def bleu(hypotheses: list[str], references: list[list[str]]) -> dict[str, float]:
@@ -50,7 +55,13 @@ def bleu(hypotheses: list[str], references: list[list[str]]) -> dict[str, float]
 
 def sentence_bleu(hypothesis: str, references: list[str]) -> dict[str, float]:
     """BLEU-1..4 of one image, smoothed: unsmoothed sentence BLEU-4 is 0 for most captions."""
-    return _corpus_bleu([hypothesis], [references], SmoothingFunction().method1)
+    return _corpus_bleu([hypothesis], [references], _SENTENCE_SMOOTHING)
+
+
+def sentence_bleu4(hypothesis: list[str], references: list[list[str]]) -> float:
+    """`sentence_bleu`'s BLEU-4 on 0-1, of text already tokenized: self-critical training's
+    reward, computed for every sampled caption (its references are tokenized once)."""
+    return _nltk_bleu([references], [hypothesis], BLEU_WEIGHTS[3], _SENTENCE_SMOOTHING)
 
 
 def java_available() -> bool:

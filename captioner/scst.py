@@ -2,8 +2,8 @@
 
 Teacher forcing never lets the model see its own captions, and cross-entropy is not
 BLEU. Here, for every image the model samples k captions; each earns its sentence
-BLEU-4 against the image's references, and the mean reward of the image's other k-1
-samples is its baseline (no greedy pass needed). The loss raises the log-probability
+BLEU-4 (`metrics.sentence_bleu4`) against the image's references, and the mean reward
+of the image's other k-1 samples is its baseline (no greedy pass needed). The loss raises the log-probability
 of samples that beat their baseline and lowers the others'.
 
 Sampling and scoring use the same policy: the caller puts the model in eval mode
@@ -11,24 +11,13 @@ Sampling and scoring use the same policy: the caller puts the model in eval mode
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
-from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from torch.utils.data import Dataset
 
 from .data import image_input
+from .metrics import sentence_bleu4
 from .search import sample
 from .vocab import Vocab
-
-_SMOOTH = SmoothingFunction().method1  # unsmoothed sentence BLEU-4 is 0 for most samples
-
-
-def reward(hypothesis: list[str], references: list[list[str]]) -> float:
-    """Sentence BLEU-4 (0-1) of one tokenized caption against tokenized references."""
-    with warnings.catch_warnings():  # nltk warns on zero n-gram overlap; 0 is the answer
-        warnings.simplefilter("ignore", UserWarning)
-        return sentence_bleu(references, hypothesis, smoothing_function=_SMOOTH)
 
 
 class Images(Dataset):
@@ -54,13 +43,14 @@ def self_critical_loss(model, inputs: torch.Tensor, references: list[list[list[s
     if samples < 2:
         raise ValueError("self-critical training needs at least 2 samples per image (their mean is the baseline)")
     core = getattr(model, "module", model)  # the Trainable inside DistributedDataParallel
-    inputs = inputs.repeat_interleave(samples, 0)
-    with torch.no_grad():
+    with torch.no_grad():  # once per image; the samples share it
         feats = core.encoder(inputs) if core.encoder is not None else inputs
-    hyps = sample(core.decoder, feats, start=vocab.start, end=vocab.end, max_len=max_len,
+    inputs = inputs.repeat_interleave(samples, 0)
+    hyps = sample(core.decoder, feats.repeat_interleave(samples, 0), start=vocab.start, end=vocab.end, max_len=max_len,
                   banned=(vocab.pad, vocab.start, vocab.unk))
     seqs = [h[0].tokens for h in hyps]
-    r = torch.tensor([reward([vocab.itos[t] for t in s], references[i // samples]) for i, s in enumerate(seqs)],
+    r = torch.tensor([sentence_bleu4([vocab.itos[t] for t in s], references[i // samples])
+                      for i, s in enumerate(seqs)],
                      device=inputs.device).view(-1, samples)
     advantage = (r - (r.sum(1, keepdim=True) - r) / (samples - 1)).view(-1, 1)
     # A sample cut off at max_len never chose <end>, so <end> is not part of what is scored.

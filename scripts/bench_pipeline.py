@@ -10,7 +10,7 @@
 
     python scripts/bench_pipeline.py [--checkpoint C] [--images 256] [--repeats 3] [--json]
 
-Other scripts import `run(...) -> dict`.
+scripts/benchmark.py runs it as a child process (`--json`).
 """
 from __future__ import annotations
 
