@@ -3,7 +3,8 @@
 Everything in the file loads with `torch.load(weights_only=True)`: no pickled
 classes, so loading a checkpoint never runs code. Pretrained encoder weights that
 come from torchvision or a package are referenced by the encoder's name in the
-config, not copied; only a fine-tuned encoder's weights are stored.
+config, not copied; only a fine-tuned encoder's weights are stored. "decoder" is one
+state dict, or a list of them for an ensemble (`decoder.Ensemble`).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def save(path: str | Path, *, config: dict, vocab: dict, decoder: dict, encoder: dict | None = None,
+def save(path: str | Path, *, config: dict, vocab: dict, decoder: dict | list[dict], encoder: dict | None = None,
          train_state: dict | None = None, half: bool = False) -> None:
     """Write atomically (temp file + rename): a crash never leaves a torn checkpoint.
 
@@ -31,7 +32,8 @@ def save(path: str | Path, *, config: dict, vocab: dict, decoder: dict, encoder:
     def maybe_half(sd):
         return {k: (t.half() if half and t.is_floating_point() else t) for k, t in sd.items()}
 
-    payload = {"format": FORMAT, "config": config, "vocab": vocab, "decoder": maybe_half(decoder)}
+    decoder = [maybe_half(sd) for sd in decoder] if isinstance(decoder, list) else maybe_half(decoder)
+    payload = {"format": FORMAT, "config": config, "vocab": vocab, "decoder": decoder}
     if encoder is not None:
         payload["encoder"] = maybe_half(encoder)
     if train_state is not None:
@@ -53,6 +55,21 @@ def save(path: str | Path, *, config: dict, vocab: dict, decoder: dict, encoder:
         raise
 
 
+def ensemble(payloads: list[dict], names: list[str]) -> dict:
+    """The `save` arguments of one model decoding with all the given models' decoders, once they
+    are checked to fit together (the first one's config is kept)."""
+    first = payloads[0]
+    for p, name in zip(payloads[1:], names[1:]):
+        if p["vocab"] != first["vocab"]:
+            raise CheckpointError(f"{name} has another vocabulary than {names[0]}: they cannot form an ensemble")
+        if p["config"]["model"] != first["config"]["model"]:
+            raise CheckpointError(f"{name} has another model config than {names[0]}: they cannot form an ensemble")
+    if any("encoder" in p or isinstance(p["decoder"], list) for p in payloads):
+        raise CheckpointError("ensemble members must be single models on the shared frozen encoder "
+                              "(no fine-tuned encoder, no ensembles)")
+    return {"config": first["config"], "vocab": first["vocab"], "decoder": [p["decoder"] for p in payloads]}
+
+
 def load(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -68,7 +85,11 @@ def load(path: str | Path) -> dict:
         raise CheckpointError(f"{path} is not a checkpoint file (torch.load failed: {type(e).__name__}: {e})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a captioner checkpoint (expected format {FORMAT!r})")
-    for key in ("decoder", "encoder"):
-        if key in payload:
-            payload[key] = {k: (t.float() if t.is_floating_point() else t) for k, t in payload[key].items()}
+    def as_fp32(sd):
+        return {k: (t.float() if t.is_floating_point() else t) for k, t in sd.items()}
+
+    if "encoder" in payload:
+        payload["encoder"] = as_fp32(payload["encoder"])
+    dec = payload["decoder"]
+    payload["decoder"] = [as_fp32(sd) for sd in dec] if isinstance(dec, list) else as_fp32(dec)
     return payload

@@ -8,8 +8,11 @@ With inject="init" (Show and Tell / cs231n) v only sets the initial state.
 
 Decoding steps one token at a time, so there W_iv·v + biases is computed once per
 search (`step_context`) and each step multiplies only x_t and h (one LSTM layer).
+`Ensemble` decodes with several decoders at once through the same four methods.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +46,10 @@ class Decoder(nn.Module):
         # A single-token nn.LSTM call would redo W_iv·v at every step (and on CPU pays
         # oneDNN's per-call setup): decoding runs this cell by hand instead.
         self._hoist = cfg.cell == "lstm" and cfg.inject == "every" and cfg.num_layers == 1
+
+    @property
+    def vocab_size(self) -> int:
+        return self.out.out_features
 
     def features(self, feats: torch.Tensor) -> torch.Tensor:
         """v as the cell sees it (dropout and the optional projection applied)."""
@@ -93,13 +100,47 @@ class Decoder(nn.Module):
         return self.out(self.dropout(h)).float().log_softmax(-1), (h[None], c[None])
 
 
+class Ensemble(nn.Module):
+    """Decoders trained apart (other seeds, same vocabulary and sizes) decoding as one:
+    each step's word distribution is the mean of theirs. Inference only.
+
+    It offers search what a Decoder offers: `features` passes the encoder's output
+    through (each member projects it itself), contexts are stacked on dim 1 (so search
+    can select rows of them) and states are tuples of the members' states.
+    """
+
+    def __init__(self, members: list[Decoder]):
+        super().__init__()
+        if len({m.vocab_size for m in members}) != 1:
+            raise ValueError("ensemble members must share one vocabulary")
+        self.members = nn.ModuleList(members)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.members[0].vocab_size
+
+    def features(self, feats: torch.Tensor) -> torch.Tensor:
+        return feats
+
+    def initial_state(self, feats: torch.Tensor):
+        return tuple(m.initial_state(m.features(feats)) for m in self.members)
+
+    def step_context(self, feats: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m.step_context(m.features(feats)) for m in self.members], dim=1)
+
+    def step(self, ctx: torch.Tensor, tokens: torch.Tensor, state):
+        steps = [m.step(c, tokens, s) for m, c, s in zip(self.members, ctx.unbind(1), state)]
+        logp = torch.stack([lp for lp, _ in steps]).logsumexp(0) - math.log(len(steps))
+        return logp, tuple(s for _, s in steps)
+
+
 def reorder_state(state, index: torch.Tensor):
-    """Pick rows of a recurrent state (beam search bookkeeping); batch is dim 1."""
+    """Pick rows of a recurrent state, or of a tuple of them (beam search bookkeeping); batch is dim 1."""
     if state is None:
         return None
-    if isinstance(state, tuple):
-        return tuple(s.index_select(1, index) for s in state)
-    return state.index_select(1, index)
+    if isinstance(state, torch.Tensor):
+        return state.index_select(1, index)
+    return tuple(reorder_state(s, index) for s in state)
 
 
 def caption_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:

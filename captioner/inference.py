@@ -16,7 +16,7 @@ import torch
 
 from . import checkpoint
 from .config import Config
-from .decoder import Decoder
+from .decoder import Decoder, Ensemble
 from .encoders import Encoder, build_encoder
 from .images import load_image
 from .search import Hypothesis, beam_search, greedy, sample
@@ -42,7 +42,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 class Captioner:
-    def __init__(self, encoder: Encoder, decoder: Decoder, vocab: Vocab, config: Config, device="auto"):
+    def __init__(self, encoder: Encoder, decoder: Decoder | Ensemble, vocab: Vocab, config: Config, device="auto"):
         self.device = resolve_device(device)
         self.encoder = encoder.eval().to(self.device)
         self.decoder = decoder.eval().to(self.device)
@@ -67,9 +67,11 @@ class Captioner:
         encoder = build_encoder(config.model.encoder, pretrained=config.model.pretrained and not fine_tuned)
         if fine_tuned:
             encoder.load_state_dict(payload["encoder"])
-        decoder = Decoder(config.model, len(vocab), encoder.dim)
-        decoder.load_state_dict(payload["decoder"])
-        return cls(encoder, decoder, vocab, config, device)
+        decoders = []
+        for state in payload["decoder"] if isinstance(payload["decoder"], list) else [payload["decoder"]]:
+            decoders.append(Decoder(config.model, len(vocab), encoder.dim))
+            decoders[-1].load_state_dict(state)
+        return cls(encoder, decoders[0] if len(decoders) == 1 else Ensemble(decoders), vocab, config, device)
 
     # -- the three stages, public so batch captioning can pipeline them ----------------
     def preprocess(self, image) -> torch.Tensor:

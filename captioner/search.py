@@ -12,7 +12,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .decoder import Decoder, reorder_state
+from .decoder import Decoder, Ensemble, reorder_state
 
 PENALTIES = ("none", "avg", "wu")
 
@@ -45,7 +45,7 @@ def _strip(seq: list[int], end: int) -> list[int]:
 
 
 @torch.inference_mode()
-def _one_by_one(decoder: Decoder, feats: torch.Tensor, pick: Callable, start: int, end: int, max_len: int, banned):
+def _one_by_one(decoder: Decoder | Ensemble, feats: torch.Tensor, pick: Callable, start: int, end: int, max_len: int, banned):
     """Decode one token per step for every image at once; `pick(logp)` chooses the tokens."""
     v = decoder.features(feats)
     state, ctx = decoder.initial_state(v), decoder.step_context(v)
@@ -108,7 +108,7 @@ def beam_search(decoder, feats, *, start, end, beam_size=3, max_len=20, length_p
     finished = torch.zeros(B, k, dtype=torch.bool, device=dev)
     seqs = torch.zeros(B, k, 0, dtype=torch.long, device=dev)
     images = torch.arange(B, device=dev)  # which input image each active row block is
-    V = decoder.out.out_features
+    V = decoder.vocab_size
     frozen = torch.full((V,), float("-inf"), device=dev)
     frozen[0] = 0.0  # a finished beam continues only with padding, at no cost
     results: list[list[Hypothesis]] = [[] for _ in range(B)]

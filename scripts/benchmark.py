@@ -42,7 +42,7 @@ from torch import nn
 from captioner import checkpoint as ckpt
 from captioner.config import Config, load_config
 from captioner.decoder import Decoder, caption_loss
-from captioner.inference import DEFAULT_CHECKPOINT
+from captioner.inference import DEFAULT_CHECKPOINT, Captioner
 from captioner.search import beam_search
 from captioner.vocab import Vocab
 
@@ -202,11 +202,8 @@ def dev_features(cfg: Config, n: int) -> tuple[torch.Tensor, str]:
 
 
 def bench_beam(payload: dict, feats: torch.Tensor, beam: int, repeats: int) -> dict:
-    config = Config.from_dict(payload["config"])
-    vocab = Vocab.from_dict(payload["vocab"])
-    decoder = Decoder(config.model, len(vocab), feats.shape[1])
-    decoder.load_state_dict(payload["decoder"])
-    decoder.eval()
+    cap = Captioner.from_payload(payload, device="cpu")  # its decoder: one Decoder, or an Ensemble
+    config, vocab, decoder = cap.config, cap.vocab, cap.decoder
     kw = dict(start=vocab.start, end=vocab.end, beam_size=beam, max_len=config.decode.max_len,
               banned=(vocab.pad, vocab.start, vocab.unk))
     out = {}

@@ -1,8 +1,11 @@
-"""Export a training checkpoint as a shippable model: fp16 weights, no optimizer state,
+"""Export training checkpoints as a shippable model: fp16 weights, no optimizer state,
 and the decoding defaults chosen on dev (scripts/tune_decoding.py) written into its config.
 
-    python scripts/export_model.py runs/flickr8k_lite0/best.pt captioner/assets/flickr8k_lite0.pt \
+    python scripts/export_model.py runs/flickr8k_lite0/best.pt -o captioner/assets/flickr8k_lite0.pt --set \
         decode.beam_size=5 decode.length_penalty=wu decode.alpha=0.7
+
+Several checkpoints make one ensemble model (`decoder.Ensemble`): `checkpoint.ensemble`
+checks they share the vocabulary, the model config and the frozen encoder.
 """
 from __future__ import annotations
 
@@ -14,15 +17,20 @@ from captioner.config import Config, apply_overrides
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src")
-    p.add_argument("dst")
-    p.add_argument("overrides", nargs="*", help="decode.key=value (any section.key=value)")
+    p.add_argument("sources", nargs="+", help="checkpoint(s) to export; several make an ensemble")
+    p.add_argument("-o", "--out", required=True, help="where to write the model")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="config overrides, e.g. decode.beam_size=5")
     args = p.parse_args()
-    payload = checkpoint.load(args.src)
+    try:
+        payloads = [checkpoint.load(s) for s in args.sources]
+        payload = checkpoint.ensemble(payloads, args.sources) if len(payloads) > 1 else payloads[0]
+    except checkpoint.CheckpointError as e:
+        raise SystemExit(f"error: {e}")
     config = Config.from_dict(apply_overrides(payload["config"], args.overrides)).to_dict()  # validates keys
-    checkpoint.save(args.dst, config=config, vocab=payload["vocab"], decoder=payload["decoder"],
+    checkpoint.save(args.out, config=config, vocab=payload["vocab"], decoder=payload["decoder"],
                     encoder=payload.get("encoder"), half=True)
-    print(f"wrote {args.dst}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

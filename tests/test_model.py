@@ -9,7 +9,7 @@ import torch
 
 from captioner import checkpoint
 from captioner.config import ModelConfig
-from captioner.decoder import Decoder, caption_loss
+from captioner.decoder import Decoder, Ensemble, caption_loss
 from captioner.encoders import WeightsUnavailable, build_encoder
 from captioner.search import beam_search, greedy, sample
 from captioner.vocab import Vocab, tokenize
@@ -152,6 +152,82 @@ def test_sampling_is_reproducible_with_a_generator_and_varies_with_temperature(c
 def test_unknown_length_penalty_is_rejected():
     with pytest.raises(ValueError, match="length penalty"):
         beam_search(small_decoder().eval(), torch.randn(1, 12), start=1, end=2, length_penalty="bogus")
+
+
+# -- ensembles ---------------------------------------------------------------------------
+
+def perturbed_copy(decoder: Decoder, seed: int) -> Decoder:
+    """Another member: the trained decoder with its weights moved, as if trained from another seed."""
+    import copy
+
+    other = copy.deepcopy(decoder)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.5 * p.std().nan_to_num())
+    return other.eval()
+
+
+def test_ensemble_of_one_decodes_exactly_like_its_member(captioner):
+    feats = _search_inputs(captioner)
+    kw = dict(beam_size=3, max_len=10, n_best=2, **ids(captioner))
+    alone, ens = beam_search(captioner.decoder, feats, **kw), beam_search(Ensemble([captioner.decoder]), feats, **kw)
+    assert [[h.tokens for h in hs] for hs in alone] == [[h.tokens for h in hs] for hs in ens]
+    torch.testing.assert_close([h.score for hs in alone for h in hs], [h.score for hs in ens for h in hs])
+
+
+def test_ensemble_step_is_the_mean_of_member_probabilities(captioner):
+    members = [captioner.decoder, perturbed_copy(captioner.decoder, 1)]
+    ens = Ensemble(members).eval()
+    feats, tokens = _search_inputs(captioner, 4), torch.tensor([captioner.vocab.start] * 4)
+    with torch.inference_mode():
+        logp, _ = ens.step(ens.step_context(feats), tokens, ens.initial_state(feats))
+        each = [m.step(m.step_context(m.features(feats)), tokens, m.initial_state(m.features(feats)))[0]
+                for m in members]
+    torch.testing.assert_close(logp.exp(), (each[0].exp() + each[1].exp()) / 2)
+    assert not torch.allclose(each[0], each[1], atol=1e-3)  # the members really differ
+
+
+def test_batched_ensemble_beam_search_equals_one_image_at_a_time(captioner):
+    ens = Ensemble([captioner.decoder, perturbed_copy(captioner.decoder, 1), perturbed_copy(captioner.decoder, 2)])
+    feats = _search_inputs(captioner)
+    kw = dict(beam_size=3, max_len=10, n_best=2, length_penalty="wu", **ids(captioner))
+    batched = beam_search(ens, feats, **kw)
+    single = [beam_search(ens, feats[i:i + 1], **kw)[0] for i in range(len(feats))]
+    assert [[h.tokens for h in hs] for hs in batched] == [[h.tokens for h in hs] for hs in single]
+    torch.testing.assert_close([h.score for hs in batched for h in hs], [h.score for hs in single for h in hs],
+                               atol=1e-5, rtol=0)
+
+
+def test_ensemble_checkpoint_loads_with_weights_only_and_captions_like_the_ensemble(captioner, tiny_data, tmp_path):
+    from captioner import Captioner
+
+    other = perturbed_copy(captioner.decoder, 1)
+    payloads = [{"config": captioner.config.to_dict(), "vocab": captioner.vocab.to_dict(), "decoder": d.state_dict()}
+                for d in (captioner.decoder, other)]
+    merged = checkpoint.ensemble(payloads, ["a.pt", "b.pt"])
+    path = tmp_path / "ensemble.pt"
+    checkpoint.save(path, **merged)
+    assert isinstance(torch.load(path, weights_only=True)["decoder"], list)
+    loaded = Captioner.load(path, device="cpu")
+    assert isinstance(loaded.decoder, Ensemble) and len(loaded.decoder.members) == 2
+    in_memory = Captioner(captioner.encoder, Ensemble([captioner.decoder, other]), captioner.vocab,
+                          captioner.config, device="cpu")
+    images = sorted((tiny_data / "Flicker8k_Dataset").glob("*.jpg"))[::5]
+    assert loaded.caption(images, n_best=2) == in_memory.caption(images, n_best=2)
+
+
+def test_ensemble_refuses_members_that_cannot_decode_together(captioner):
+    base = {"config": captioner.config.to_dict(), "vocab": captioner.vocab.to_dict(),
+            "decoder": captioner.decoder.state_dict()}
+    other_vocab = {**base, "vocab": Vocab.build(["a completely different vocabulary"], 1).to_dict()}
+    with pytest.raises(checkpoint.CheckpointError, match="b.pt has another vocabulary than a.pt"):
+        checkpoint.ensemble([base, other_vocab], ["a.pt", "b.pt"])
+    bigger = {**base, "config": {**base["config"], "model": {**base["config"]["model"], "hidden_dim": 99}}}
+    with pytest.raises(checkpoint.CheckpointError, match="model config"):
+        checkpoint.ensemble([base, bigger], ["a.pt", "b.pt"])
+    with pytest.raises(checkpoint.CheckpointError, match="fine-tuned encoder"):
+        checkpoint.ensemble([base, {**base, "encoder": {}}], ["a.pt", "b.pt"])
 
 
 # -- vocabulary ---------------------------------------------------------------------------
