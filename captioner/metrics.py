@@ -16,8 +16,10 @@ Treebank tokenizer, so expect coco BLEU to differ slightly from `bleu` on raw te
 """
 from __future__ import annotations
 
+import math
 import shutil
 import warnings
+from collections import Counter
 
 from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
 
@@ -62,6 +64,45 @@ def sentence_bleu4(hypothesis: list[str], references: list[list[str]]) -> float:
     """`sentence_bleu`'s BLEU-4 on 0-1, of text already tokenized: self-critical training's
     reward, computed for every sampled caption (its references are tokenized once)."""
     return _nltk_bleu([references], [hypothesis], BLEU_WEIGHTS[3], _SENTENCE_SMOOTHING)
+
+
+class CiderD:
+    """CIDEr-D of single captions against a fixed reference corpus (0-10 scale, like coco's
+    CIDEr before its x100): self-critical training's reward.
+
+    The formula is pycocoevalcap's (tf-idf n-gram vectors, clipped cosine, Gaussian length
+    penalty with sigma 6); what differs is where the document frequencies come from.
+    pycocoevalcap derives them from the captions it is handed, so a batch of 64 images
+    would define its own idf. Here they come once from the whole corpus (all training
+    images), as in Rennie et al. 2017. Scored against the same images the two agree.
+    """
+
+    def __init__(self, corpus: list[list[list[str]]], n: int = 4, sigma: float = 6.0):
+        from pycocoevalcap.cider.cider_scorer import precook  # n-gram counts, as pycocoevalcap makes them
+
+        self._ngrams = lambda words: precook(" ".join(words), n)
+        self.n, self.sigma = n, sigma
+        self.df = Counter(g for refs in corpus for g in {g for r in refs for g in self._ngrams(r)})
+        self.log_images = math.log(len(corpus))
+        self.refs = [[self._vector(r) for r in refs] for refs in corpus]
+
+    def _vector(self, words: list[str]):
+        vec = [{} for _ in range(self.n)]
+        for g, tf in self._ngrams(words).items():
+            vec[len(g) - 1][g] = tf * (self.log_images - math.log(max(1.0, self.df[g])))
+        norms = [math.sqrt(sum(w * w for w in v.values())) for v in vec]
+        return vec, norms, max(0, len(words) - 1)  # pycocoevalcap's length: its bigram count
+
+    def score(self, words: list[str], image: int) -> float:
+        """CIDEr-D of one tokenized caption against corpus image `image`'s references."""
+        vec, norms, length = self._vector(words)
+        total = 0.0
+        for ref_vec, ref_norms, ref_length in self.refs[image]:
+            penalty = math.exp(-((length - ref_length) ** 2) / (2 * self.sigma ** 2))
+            for v, r, nv, nr in zip(vec, ref_vec, norms, ref_norms):
+                sim = sum(min(w, r.get(g, 0.0)) * r.get(g, 0.0) for g, w in v.items())
+                total += penalty * (sim / (nv * nr) if nv and nr else sim)
+        return 10 * total / self.n / len(self.refs[image])
 
 
 def java_available() -> bool:

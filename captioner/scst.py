@@ -1,21 +1,24 @@
-"""Self-critical sequence training (Rennie et al. 2017): fine-tune a trained captioner on BLEU itself.
+"""Self-critical sequence training (Rennie et al. 2017): fine-tune a trained captioner on a caption metric itself.
 
 Teacher forcing never lets the model see its own captions, and cross-entropy is not
-BLEU. Here, for every image the model samples k captions; each earns its sentence
-BLEU-4 (`metrics.sentence_bleu4`) against the image's references, and the mean reward
-of the image's other k-1 samples is its baseline (no greedy pass needed). The loss raises the log-probability
-of samples that beat their baseline and lowers the others'.
+BLEU. Here, for every image the model samples k captions; each earns a reward against
+the image's references (`train.scst_reward`: sentence BLEU-4, `metrics.sentence_bleu4`,
+or CIDEr-D, `metrics.CiderD`), and the mean reward of the image's other k-1 samples is
+its baseline (no greedy pass needed). The loss raises the log-probability of samples
+that beat their baseline and lowers the others'.
 
 Sampling and scoring use the same policy: the caller puts the model in eval mode
 (no dropout) for these steps.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch.utils.data import Dataset
 
 from .data import image_input
-from .metrics import sentence_bleu4
+from .metrics import CiderD, sentence_bleu4
 from .search import sample
 from .vocab import Vocab
 
@@ -33,12 +36,24 @@ class Images(Dataset):
         return image_input(self.source, i), i
 
 
-def self_critical_loss(model, inputs: torch.Tensor, references: list[list[list[str]]], vocab: Vocab,
+Reward = Callable[[list[str], int], float]  # (a sampled caption's words, its image's index) -> score
+
+
+def reward_function(kind: str, references: list[list[list[str]]]) -> Reward:
+    """The reward of a sampled caption; references[i] are training image i's tokenized captions."""
+    if kind == "bleu4":
+        return lambda words, i: sentence_bleu4(words, references[i])
+    if kind == "cider":
+        return CiderD(references).score
+    raise ValueError(f"unknown scst reward {kind!r}; choose bleu4 or cider")
+
+
+def self_critical_loss(model, inputs: torch.Tensor, images: list[int], reward: Reward, vocab: Vocab,
                        samples: int, max_len: int) -> tuple[torch.Tensor, float]:
     """Policy-gradient loss for a batch of images, and the mean reward of its samples.
 
     `model(inputs, tokens)` gives teacher-forced logits (a train.Trainable, DDP-wrapped or not);
-    `references[b]` are image b's tokenized reference captions.
+    `images[b]` is input b's index for `reward`.
     """
     if samples < 2:
         raise ValueError("self-critical training needs at least 2 samples per image (their mean is the baseline)")
@@ -49,8 +64,7 @@ def self_critical_loss(model, inputs: torch.Tensor, references: list[list[list[s
     hyps = sample(core.decoder, feats.repeat_interleave(samples, 0), start=vocab.start, end=vocab.end, max_len=max_len,
                   banned=(vocab.pad, vocab.start, vocab.unk))
     seqs = [h[0].tokens for h in hyps]
-    r = torch.tensor([sentence_bleu4([vocab.itos[t] for t in s], references[i // samples])
-                      for i, s in enumerate(seqs)],
+    r = torch.tensor([reward([vocab.itos[t] for t in s], images[i // samples]) for i, s in enumerate(seqs)],
                      device=inputs.device).view(-1, samples)
     advantage = (r - (r.sum(1, keepdim=True) - r) / (samples - 1)).view(-1, 1)
     # A sample cut off at max_len never chose <end>, so <end> is not part of what is scored.

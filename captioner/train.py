@@ -33,7 +33,7 @@ from .encoders import build_encoder
 from .features import ImageFiles, extract, open_features
 from .inference import Captioner, resolve_device
 from .metrics import bleu
-from .scst import Images, self_critical_loss
+from .scst import Images, reward_function, self_critical_loss
 from .vocab import Vocab, tokenize
 
 
@@ -145,6 +145,8 @@ def train(cfg: Config, resume: bool = False) -> Trainable:
         raise ValueError("objective scst fine-tunes a trained model: set train.init_from to its checkpoint")
     state = checkpoint.load(out / "last.pt") if resume else None
     init = checkpoint.load(t.init_from) if t.init_from and not state else None
+    if init and isinstance(init["decoder"], list):
+        raise ValueError(f"train.init_from={t.init_from} is an ensemble; start from one of its members' checkpoints")
     start = state or init
     vocab = Vocab.from_dict(start["vocab"]) if start else Vocab.build(
         (c for ex in train_ex for c in ex.captions), cfg.data.min_count)
@@ -168,7 +170,7 @@ def train(cfg: Config, resume: bool = False) -> Trainable:
     if scst:  # batches of images; all "lengths" equal, so LengthBatches just shuffles (and shards for DDP)
         train_set, train_collate = Images(train_src), None
         lengths = [1] * len(train_set)
-        references = [[tokenize(c) for c in ex.captions] for ex in train_ex]
+        reward = reward_function(t.scst_reward, [[tokenize(c) for c in ex.captions] for ex in train_ex])
     else:
         train_set, train_collate = CaptionDataset(train_ex, vocab, train_src, cfg.data.max_caption_len), collate
         lengths = [len(ids) for _, ids in train_set.pairs]
@@ -197,8 +199,8 @@ def train(cfg: Config, resume: bool = False) -> Trainable:
     def step_loss(batch):  # (loss, mean reward of the samples for scst, else None)
         if scst:
             inputs, idx = batch
-            return self_critical_loss(ddp_model, inputs.to(device), [references[i] for i in idx.tolist()],
-                                      vocab, t.scst_samples, cfg.decode.max_len)
+            return self_critical_loss(ddp_model, inputs.to(device), idx.tolist(), reward, vocab, t.scst_samples,
+                                      cfg.decode.max_len)
         inputs, tokens, targets = batch
         return caption_loss(ddp_model(inputs.to(device), tokens.to(device)), targets.to(device),
                             t.label_smoothing), None

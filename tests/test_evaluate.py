@@ -51,6 +51,21 @@ def test_bleu_is_nltk_corpus_bleu_and_matches_pycocoevalcap_on_ordinary_captions
     assert [ours[f"bleu{n}"] for n in range(1, 5)] == pytest.approx(coco_bleu(HYPS, REFS), abs=1e-6)
 
 
+def test_cider_d_is_pycocoevalcaps_when_its_corpus_is_the_scored_images():
+    from pycocoevalcap.cider.cider import Cider
+
+    refs = [[tokenize(r) for r in rs] for rs in REFS]
+    hyps = [tokenize(h) for h in HYPS] + [[], ["dog"]]  # and an empty and a one-word caption
+    refs += refs[:2]
+    ours = metrics.CiderD(refs)
+    theirs = Cider().compute_score({i: [" ".join(r) for r in rs] for i, rs in enumerate(refs)},
+                                   {i: [" ".join(h)] for i, h in enumerate(hyps)})[1]
+    assert [ours.score(h, i) for i, h in enumerate(hyps)] == pytest.approx(list(theirs), abs=1e-12)
+    assert ours.score(refs[0][0], 0) > ours.score(refs[1][0], 0) > 0  # its own reference beats another image's
+    # The idf is the corpus's, not the scored batch's: scoring alone gives the corpus score.
+    assert metrics.CiderD(refs[:1]).score(hyps[0], 0) != pytest.approx(ours.score(hyps[0], 0))
+
+
 def test_closest_reference_length_ties_go_to_the_shorter_reference_in_both():
     # 5 words, references of 4 and 6: both libraries take 4, so no brevity penalty.
     hyp, refs = "a dog runs on grass", ["a dog runs fast", "a dog runs on the lawn"]

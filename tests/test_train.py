@@ -103,9 +103,11 @@ def test_ddp_two_processes_keep_identical_parameters(tiny_run, tmp_path):
     assert len(log) == 2 and log[1]["train_loss"] < log[0]["train_loss"]
 
 
-def test_self_critical_training_raises_the_reward_from_a_trained_start(tiny_run, tmp_path):
+@pytest.mark.parametrize("reward", ["bleu4", "cider"])
+def test_self_critical_training_raises_the_reward_from_a_trained_start(tiny_run, tmp_path, reward):
     cfg0, best = tiny_run
     cfg = tiny_config(Path(cfg0.data.root), tmp_path, "train.objective=scst", "train.epochs=6",
+                      f"train.scst_reward={reward}",
                       f"train.init_from={best}", "train.lr=5e-3", "train.batch_size=8",
                       f"data.feature_cache={cfg0.data.feature_cache}")
     torch.manual_seed(0)
@@ -118,11 +120,25 @@ def test_self_critical_training_raises_the_reward_from_a_trained_start(tiny_run,
     assert any(not torch.equal(a, b) for a, b in zip(start["decoder"].values(), tuned.decoder.state_dict().values()))
 
 
-def test_self_critical_training_needs_a_start(tiny_run, tmp_path):
-    cfg0, _ = tiny_run
+def test_self_critical_training_needs_a_start_and_a_known_reward(tiny_run, tmp_path):
+    cfg0, best = tiny_run
     cfg = tiny_config(Path(cfg0.data.root), tmp_path, "train.objective=scst",
                       f"data.feature_cache={cfg0.data.feature_cache}")
     with pytest.raises(ValueError, match="init_from"):
+        train(cfg)
+    cfg.train.init_from, cfg.train.scst_reward = str(best), "meteor"
+    with pytest.raises(ValueError, match="unknown scst reward 'meteor'"):
+        train(cfg)
+
+
+def test_an_ensemble_cannot_start_a_training_run(tiny_run, tmp_path):
+    cfg0, best = tiny_run
+    payload = checkpoint.load(best)
+    ensemble = tmp_path / "ensemble.pt"
+    checkpoint.save(ensemble, **checkpoint.ensemble([payload, payload], ["a", "b"]))
+    cfg = tiny_config(Path(cfg0.data.root), tmp_path, "train.objective=scst", f"train.init_from={ensemble}",
+                      f"data.feature_cache={cfg0.data.feature_cache}")
+    with pytest.raises(ValueError, match="is an ensemble"):
         train(cfg)
 
 
