@@ -1,9 +1,11 @@
 """Side-by-side speed of captioner against the tutorial way, measured in one run.
 
   train_speedup  decoder training tokens/s (forward + masked loss + backward + Adam step)
-                 of `captioner.decoder.Decoder` (one fused nn.LSTM call over the sequence)
+                 of `captioner.decoder.Decoder` (one fused nn.LSTM call over the sequence,
+                 its CPU dropout, the fused Adam of `train.make_optimizer`)
                  ÷ `LoopDecoder` below: the same math written the tutorial way, an
-                 nn.LSTMCell stepped in a Python loop with [x_t; v] as each step's input.
+                 nn.LSTMCell stepped in a Python loop with [x_t; v] as each step's input,
+                 nn.Dropout and torch.optim.Adam.
                  Same sizes, same batch, same tokens, same parameter count, same weights.
   train_speedup_bf16
                  the same, captioner's side under bf16 autocast (train.precision=bf16; AMX
@@ -44,6 +46,7 @@ from captioner.config import Config, load_config
 from captioner.decoder import Decoder, caption_loss
 from captioner.inference import DEFAULT_CHECKPOINT, Captioner
 from captioner.search import beam_search
+from captioner.train import make_optimizer
 from captioner.vocab import Vocab
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,7 +134,9 @@ def bench_train(cfg: Config, vocab_size: int, feature_dim: int, batch: int, seq_
     tokens, targets = ids[:, :-1], ids[:, 1:]
 
     def step_fn(model, bf16=False):
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+        # Each side's own optimizer: captioner's is train.make_optimizer's (fused Adam), the tutorial's plain Adam.
+        opt = make_optimizer(model.parameters(), cfg.train) if isinstance(model, Decoder) else \
+            torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
 
         def step():
             with torch.autocast("cpu", torch.bfloat16, enabled=bf16):  # what train.precision=bf16 does

@@ -9,7 +9,7 @@ import torch
 
 from captioner import checkpoint
 from captioner.config import ModelConfig
-from captioner.decoder import Decoder, Ensemble, caption_loss
+from captioner.decoder import Decoder, Dropout, Ensemble, caption_loss
 from captioner.encoders import WeightsUnavailable, build_encoder
 from captioner.search import beam_search, greedy, sample
 from captioner.vocab import Vocab, tokenize
@@ -76,6 +76,17 @@ def test_loss_ignores_padding():
     changed[0, 3] += 100
     changed[1, 2:] -= 50
     assert torch.equal(caption_loss(logits, targets), caption_loss(changed, targets))
+
+
+def test_dropout_drops_at_rate_p_keeps_the_mean_and_is_identity_in_eval():
+    x = torch.ones(200, 500)
+    drop = Dropout(0.3).train()
+    y = drop(x)
+    assert (y == 0).float().mean().item() == pytest.approx(0.3, abs=0.01)
+    assert y.unique().tolist() == pytest.approx([0.0, 1 / 0.7])
+    assert y.mean().item() == pytest.approx(1.0, abs=0.02)
+    assert not torch.equal(drop(x), y)  # a new mask each call
+    assert torch.equal(drop.eval()(x), x) and torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))
 
 
 # -- search ------------------------------------------------------------------------------
