@@ -115,9 +115,8 @@ class Ensemble(nn.Module):
     """Decoders trained apart (other seeds, same vocabulary and sizes) decoding as one:
     each step's word distribution is the mean of theirs. Inference only.
 
-    It offers search what a Decoder offers: `features` passes the encoder's output
-    through (each member projects it itself), contexts are stacked on dim 1 (so search
-    can select rows of them) and states are tuples of the members' states.
+    It offers search what a Decoder offers: the members' v and contexts are stacked on
+    dim 1 (so search can select rows of them), states are tuples of the members' states.
     """
 
     def __init__(self, members: list[Decoder]):
@@ -131,13 +130,13 @@ class Ensemble(nn.Module):
         return self.members[0].vocab_size
 
     def features(self, feats: torch.Tensor) -> torch.Tensor:
-        return feats
+        return torch.stack([m.features(feats) for m in self.members], dim=1)
 
-    def initial_state(self, feats: torch.Tensor):
-        return tuple(m.initial_state(m.features(feats)) for m in self.members)
+    def initial_state(self, v: torch.Tensor):
+        return tuple(m.initial_state(x) for m, x in zip(self.members, v.unbind(1)))
 
-    def step_context(self, feats: torch.Tensor) -> torch.Tensor:
-        return torch.stack([m.step_context(m.features(feats)) for m in self.members], dim=1)
+    def step_context(self, v: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m.step_context(x) for m, x in zip(self.members, v.unbind(1))], dim=1)
 
     def step(self, ctx: torch.Tensor, tokens: torch.Tensor, state):
         steps = [m.step(c, tokens, s) for m, c, s in zip(self.members, ctx.unbind(1), state)]

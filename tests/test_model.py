@@ -192,7 +192,8 @@ def test_ensemble_step_is_the_mean_of_member_probabilities(captioner):
     ens = Ensemble(members).eval()
     feats, tokens = _search_inputs(captioner, 4), torch.tensor([captioner.vocab.start] * 4)
     with torch.inference_mode():
-        logp, _ = ens.step(ens.step_context(feats), tokens, ens.initial_state(feats))
+        v = ens.features(feats)
+        logp, _ = ens.step(ens.step_context(v), tokens, ens.initial_state(v))
         each = [m.step(m.step_context(m.features(feats)), tokens, m.initial_state(m.features(feats)))[0]
                 for m in members]
     torch.testing.assert_close(logp.exp(), (each[0].exp() + each[1].exp()) / 2)
