@@ -25,7 +25,6 @@ import io
 import json
 import os
 import sys
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 

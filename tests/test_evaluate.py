@@ -15,7 +15,7 @@ from test_data import _write_coco, _write_karpathy
 from captioner import metrics
 from captioner.cli import main
 from captioner.data import Example, load_flickr8k
-from captioner.evaluate import evaluate, leave_one_out, load_examples
+from captioner.evaluate import leave_one_out, load_examples
 from captioner.vocab import tokenize
 
 HYPS = ["a dog runs through the green grass", "two children play on a red slide in the park",

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 
-import pytest
-
 from conftest import FLICKR8K, requires_flickr8k
 from captioner.evaluate import evaluate
 from captioner.inference import DEFAULT_CHECKPOINT
