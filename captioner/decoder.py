@@ -63,8 +63,8 @@ class Decoder(nn.Module):
         return self.out.out_features
 
     def features(self, feats: torch.Tensor) -> torch.Tensor:
-        """v as the cell sees it (dropout and the optional projection applied)."""
-        return self.proj(self.feature_dropout(feats))
+        """v as the cell sees it (dropout and the optional projection applied), in the weights' precision."""
+        return self.proj(self.feature_dropout(feats.to(self.embed.weight.dtype)))
 
     def initial_state(self, v: torch.Tensor):
         if self.inject == "every":
@@ -88,27 +88,32 @@ class Decoder(nn.Module):
 
     def step_context(self, v: torch.Tensor) -> torch.Tensor:
         """What decoding steps need of the image, once per search: v (from `features`),
-        or for the hand-run LSTM cell v's constant share of the gates, W_iv·v + biases."""
+        or for the hand-run LSTM cell v's constant share of the gates, W_iv·v + biases (fp32)."""
         if not self._hoist:
             return v
         w_iv = self.rnn.weight_ih_l0[:, self.embed.embedding_dim:]
-        return torch.addmm(self.rnn.bias_ih_l0 + self.rnn.bias_hh_l0, v, w_iv.t())
+        return torch.addmm(self.rnn.bias_ih_l0 + self.rnn.bias_hh_l0, v, w_iv.t()).float()
 
     def step(self, ctx: torch.Tensor, tokens: torch.Tensor, state):
-        """One decoding step for search: ctx from `step_context`; tokens (N,). Returns log-probs, state."""
+        """One decoding step for search: ctx from `step_context`; tokens (N,). Returns fp32 log-probs, state.
+
+        With bf16 weights (decode.precision=bf16) or under bf16 autocast, only the matrix
+        products run in bf16: gates, cell state and log-probs stay fp32.
+        """
         if not self._hoist:
             logits, state = self._run(ctx, tokens.unsqueeze(1), state)
             return logits.squeeze(1).float().log_softmax(-1), state
+        w_ih, w_hh = self.rnn.weight_ih_l0, self.rnn.weight_hh_l0
         x = self.dropout(self.embed(tokens))
-        gates = torch.addmm(ctx, x, self.rnn.weight_ih_l0[:, :x.shape[1]].t())
+        gates = ctx + F.linear(x, w_ih[:, :x.shape[1]]).float()
         if state is not None:
-            gates.addmm_(state[0][0], self.rnn.weight_hh_l0.t())
+            gates += F.linear(state[0][0].to(w_hh.dtype), w_hh).float()
         i, f, g, o = gates.chunk(4, dim=1)  # nn.LSTM's gate order
         c = i.sigmoid() * g.tanh()
         if state is not None:
             c = c + f.sigmoid() * state[1][0]
         h = o.sigmoid() * c.tanh()
-        return self.out(self.dropout(h)).float().log_softmax(-1), (h[None], c[None])
+        return self.out(self.dropout(h.to(w_hh.dtype))).float().log_softmax(-1), (h[None], c[None])
 
 
 class Ensemble(nn.Module):
