@@ -76,6 +76,9 @@ class DecodeConfig:
     max_len: int = 20
     length_penalty: str = "none"  # none | avg | wu
     alpha: float = 0.7  # exponent for the Wu et al. penalty
+    # fp32 | bf16: the decoder's weights and matrix products in bf16 (gates, state and scores stay
+    # fp32). Fast where the CPU has AMX or AVX512-BF16, or on a GPU; slow on CPUs without them.
+    precision: str = "fp32"
 
 
 @dataclass

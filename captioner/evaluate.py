@@ -181,8 +181,8 @@ def leave_one_out(examples: list[Example]) -> Captions:
 
 
 # -- scoring and the report -------------------------------------------------------------
-def evaluate(data, split=None, images=None, *, checkpoint=None, device="auto", results=None, human=False,
-             coco: bool | None = None, out=None, batch_size: int = 32, workers: int = 0, progress: bool = True,
+def evaluate(data, split=None, images=None, *, checkpoint=None, device="auto", precision=None, results=None,
+             human=False, coco: bool | None = None, out=None, batch_size: int = 32, workers: int = 0, progress: bool = True,
              **decode_options) -> dict:
     """Score one split and return the report (see `format_report`); writes files into `out` if given.
 
@@ -203,13 +203,14 @@ def evaluate(data, split=None, images=None, *, checkpoint=None, device="auto", r
     else:
         from .inference import Captioner
 
-        captioner = Captioner.load(checkpoint, device=device)
+        captioner = Captioner.load(checkpoint, device=device, precision=precision)
         d = captioner.config.decode
         report["checkpoint"] = str(checkpoint) if checkpoint else "default model"
         report["decode"] = {"method": decode_options.get("method", "beam"),
                             "beam_size": decode_options.get("beam_size") or d.beam_size,
                             "max_len": decode_options.get("max_len") or d.max_len,
-                            "length_penalty": decode_options.get("length_penalty") or d.length_penalty}
+                            "length_penalty": decode_options.get("length_penalty") or d.length_penalty,
+                            "precision": d.precision}
         captions = caption_split(captioner, examples, batch_size, workers, progress, **decode_options)
 
     skipped = {reason: len(ids) for reason, ids in captions.skipped.items()}

@@ -10,6 +10,7 @@ through `Captioner`; none of them builds a model by itself.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -31,6 +32,9 @@ TRAIN_HINT = (
 )
 
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 class ModelNotFound(checkpoint.CheckpointError):
     pass
 
@@ -45,23 +49,31 @@ class Captioner:
     def __init__(self, encoder: Encoder, decoder: Decoder | Ensemble, vocab: Vocab, config: Config, device="auto"):
         self.device = resolve_device(device)
         self.encoder = encoder.eval().to(self.device)
+        precision = config.decode.precision
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown decode.precision {precision!r}; choose from {sorted(PRECISIONS)}")
+        if precision != "fp32":  # a copy: the caller's decoder (a model in training, say) stays as it is
+            decoder = copy.deepcopy(decoder).to(PRECISIONS[precision])
         self.decoder = decoder.eval().to(self.device)
         self.vocab, self.config = vocab, config
 
     @classmethod
-    def load(cls, path: str | Path | None = None, device="auto") -> "Captioner":
-        """Load a checkpoint; path=None loads the default model shipped with the package."""
+    def load(cls, path: str | Path | None = None, device="auto", precision: str | None = None) -> "Captioner":
+        """Load a checkpoint; path=None loads the default model shipped with the package.
+        precision (fp32 | bf16) overrides the checkpoint's decode.precision."""
         if path is None:
             if not DEFAULT_CHECKPOINT.is_file():
                 raise ModelNotFound(f"The default model is not installed ({DEFAULT_CHECKPOINT} is missing).\n"
                                     + TRAIN_HINT.format(default=DEFAULT_CHECKPOINT))
             path = DEFAULT_CHECKPOINT
         payload = checkpoint.load(path)
-        return cls.from_payload(payload, device)
+        return cls.from_payload(payload, device, precision)
 
     @classmethod
-    def from_payload(cls, payload: dict, device="auto") -> "Captioner":
+    def from_payload(cls, payload: dict, device="auto", precision: str | None = None) -> "Captioner":
         config = Config.from_dict(payload["config"])
+        if precision is not None:
+            config.decode.precision = precision
         vocab = Vocab.from_dict(payload["vocab"])
         fine_tuned = "encoder" in payload
         encoder = build_encoder(config.model.encoder, pretrained=config.model.pretrained and not fine_tuned)

@@ -280,6 +280,38 @@ def test_half_precision_checkpoint_loads_as_float32(captioner, tmp_path):
     assert all(t.dtype == torch.float32 for t in sd.values() if t.is_floating_point())
 
 
+def test_bf16_decoding_keeps_batching_exact_and_tracks_fp32(captioner, tiny_data, tmp_path):
+    from captioner import Captioner
+
+    path = tmp_path / "model.pt"
+    checkpoint.save(path, config=captioner.config.to_dict(), vocab=captioner.vocab.to_dict(),
+                    decoder=captioner.decoder.state_dict())
+    fast = Captioner.load(path, device="cpu", precision="bf16")
+    assert all(p.dtype == torch.bfloat16 for p in fast.decoder.parameters())
+    feats = _search_inputs(captioner)
+    kw = dict(beam_size=3, max_len=10, **ids(captioner))
+    batched = beam_search(fast.decoder, feats, **kw)
+    assert [h[0].tokens for h in batched] == [beam_search(fast.decoder, f[None], **kw)[0][0].tokens for f in feats]
+    # Only the matrix products lose precision: log-probs stay close to fp32's, scores come back fp32.
+    v = captioner.decoder.features(feats)
+    tokens = torch.full((len(feats),), captioner.vocab.start)
+    with torch.inference_mode():
+        lp32, _ = captioner.decoder.step(captioner.decoder.step_context(v), tokens, None)
+        v16 = fast.decoder.features(feats)
+        lp16, _ = fast.decoder.step(fast.decoder.step_context(v16), tokens, None)
+    assert lp16.dtype == torch.float32
+    torch.testing.assert_close(lp16, lp32, atol=0.1, rtol=0)
+    images = sorted((tiny_data / "Flicker8k_Dataset").glob("*.jpg"))[::5]
+    agree = [a["caption"] == b["caption"] for a, b in zip(fast.caption(images), captioner.caption(images))]
+    assert sum(agree) >= 0.75 * len(agree)
+    # The caller's decoder is copied, not converted: a model in training keeps its fp32 weights.
+    shared = Captioner(captioner.encoder, captioner.decoder, captioner.vocab, fast.config, device="cpu")
+    assert shared.decoder is not captioner.decoder
+    assert all(p.dtype == torch.float32 for p in captioner.decoder.parameters())
+    with pytest.raises(ValueError, match="precision 'fp16'"):
+        Captioner.load(path, device="cpu", precision="fp16")
+
+
 class Evil:
     def __reduce__(self):
         return (print, ("pwned",))
