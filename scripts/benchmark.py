@@ -12,6 +12,9 @@
                  or AVX512-BF16 make it fast) against the loop in fp32.
   beam_speedup   `search.beam_search` on N images' features in one call ÷ the same
                  function called image by image; the captions must be identical.
+  beam_speedup_bf16
+                 the same, both sides decoding with decode.precision=bf16 (a bf16 copy of
+                 the decoder: its matrix products run on AMX, the rest stays fp32).
   pipeline_efficiency, latency_p50_ms
                  from scripts/bench_pipeline.py (folder captioning vs encoder alone,
                  single-photo latency), when that script and the photos are there.
@@ -207,28 +210,30 @@ def dev_features(cfg: Config, n: int) -> tuple[torch.Tensor, str]:
 
 
 def bench_beam(payload: dict, feats: torch.Tensor, beam: int, repeats: int) -> dict:
-    cap = Captioner.from_payload(payload, device="cpu")  # its decoder: one Decoder, or an Ensemble
-    config, vocab, decoder = cap.config, cap.vocab, cap.decoder
+    """Batched vs image-by-image beam search, in fp32 and with decode.precision=bf16 (both sides alike)."""
+    caps = {p: Captioner.from_payload(payload, device="cpu", precision=p) for p in ("fp32", "bf16")}
+    config, vocab = caps["fp32"].config, caps["fp32"].vocab  # decoder: one Decoder, or an Ensemble
     kw = dict(start=vocab.start, end=vocab.end, beam_size=beam, max_len=config.decode.max_len,
               banned=(vocab.pad, vocab.start, vocab.unk))
-    out = {}
-
-    def batched():
-        out["batched"] = beam_search(decoder, feats, **kw)
-
-    def one_by_one():
-        out["single"] = [beam_search(decoder, f[None], **kw)[0] for f in feats]
-
-    sec = interleaved({"batched": batched, "single": one_by_one}, repeats)
-    for a, b in zip(out["batched"], out["single"]):
-        assert [h.tokens for h in a] == [h.tokens for h in b], "batched beam search changed a caption"
-        assert np.allclose([h.score for h in a], [h.score for h in b], atol=1e-3), "batched beam scores differ"
-    captions = [vocab.decode(h[0].tokens) for h in out["batched"]]
-    return {"beam_images_per_s": round(len(feats) / sec["batched"], 1),
-            "beam_images_per_s_one_by_one": round(len(feats) / sec["single"], 1),
-            "beam_speedup": round(sec["single"] / sec["batched"], 2),
-            "beam_sizes": f"{len(feats)} images, beam {beam}, max_len {kw['max_len']}",
-            "distinct_captions": len(set(captions)), "example_caption": captions[0]}
+    out, fns = {}, {}
+    for p, cap in caps.items():
+        fns[f"batched_{p}"] = lambda p=p, d=cap.decoder: out.__setitem__(f"batched_{p}", beam_search(d, feats, **kw))
+        fns[f"single_{p}"] = lambda p=p, d=cap.decoder: out.__setitem__(
+            f"single_{p}", [beam_search(d, f[None], **kw)[0] for f in feats])
+    sec = interleaved(fns, repeats)
+    for p in caps:
+        for a, b in zip(out[f"batched_{p}"], out[f"single_{p}"]):
+            assert [h.tokens for h in a] == [h.tokens for h in b], f"batched beam search changed a caption ({p})"
+            assert np.allclose([h.score for h in a], [h.score for h in b], atol=1e-3), f"batched beam scores differ ({p})"
+    captions = {p: [vocab.decode(h[0].tokens) for h in out[f"batched_{p}"]] for p in caps}
+    r = {"beam_sizes": f"{len(feats)} images, beam {beam}, max_len {kw['max_len']}",
+         "distinct_captions": len(set(captions["fp32"])), "example_caption": captions["fp32"][0],
+         "bf16_same_captions": sum(a == b for a, b in zip(captions["fp32"], captions["bf16"]))}
+    for p, suffix in (("fp32", ""), ("bf16", "_bf16")):
+        r |= {f"beam_images_per_s{suffix}": round(len(feats) / sec[f"batched_{p}"], 1),
+              f"beam_images_per_s_one_by_one{suffix}": round(len(feats) / sec[f"single_{p}"], 1),
+              f"beam_speedup{suffix}": round(sec[f"single_{p}"] / sec[f"batched_{p}"], 2)}
+    return r
 
 
 def bench_pipeline(checkpoint: Path, quick: bool, repeats: int) -> dict:
@@ -265,6 +270,8 @@ def table(r: dict) -> str:
         f"| {r['train_tokens_per_s_loop']:,} | **{r['train_speedup_bf16']}×** | |",
         f"| beam search, images/s | {r['beam_images_per_s']} | {r['beam_images_per_s_one_by_one']} "
         f"| **{r['beam_speedup']}×** | ≥ 10× |",
+        f"| beam search, images/s, `decode.precision=bf16` (both sides) | {r['beam_images_per_s_bf16']} "
+        f"| {r['beam_images_per_s_one_by_one_bf16']} | **{r['beam_speedup_bf16']}×** | ≥ 10× |",
     ]
     if "pipeline_efficiency" in r:
         rows += [f"| batch captioning ÷ encoder alone | {r['pipeline_efficiency']} | | | ≥ 0.85 |",
@@ -273,7 +280,8 @@ def table(r: dict) -> str:
         f"- training: {r['train_sizes']}; forward + loss + backward + Adam step, "
         "captioner's Decoder vs an LSTMCell Python loop",
         f"- beam search: {r['beam_sizes']}, one call vs one call per image, captions identical "
-        f"({r['distinct_captions']} distinct); model: {r['beam_model']}; {r['beam_features']}",
+        f"({r['distinct_captions']} distinct); model: {r['beam_model']}; {r['beam_features']}; "
+        f"bf16 gives the fp32 caption for {r['bf16_same_captions']} of them",
         f"- e.g. \"{r['example_caption']}\"",
         f"- {r['cpu']}, {r['cores']} cores, torch {r['torch']}, {r['threads']} threads, fp32 unless said, "
         f"medians of {r['repeats']} interleaved repeats after a warm-up",
