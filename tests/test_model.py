@@ -325,7 +325,10 @@ def test_checkpoint_with_pickled_object_is_refused(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="pickled"):
         checkpoint.load(path)
     path.write_bytes(pickle.dumps({"a": 1}))
-    with pytest.raises(checkpoint.CheckpointError):
+    with pytest.raises(checkpoint.CheckpointError, match="not a checkpoint file"):
+        checkpoint.load(path)
+    path.write_text("model:\n  cell: lstm\n")  # a config passed where a checkpoint belongs
+    with pytest.raises(checkpoint.CheckpointError, match="not a checkpoint file"):
         checkpoint.load(path)
 
 
