@@ -2,9 +2,10 @@
 
 Teacher forcing never lets the model see its own captions, and cross-entropy is not
 BLEU. Here, for every image the model samples k captions; each earns a reward against
-the image's references (`train.scst_reward`: sentence BLEU-4, `metrics.sentence_bleu4`,
-or CIDEr-D, `metrics.CiderD`), and the mean reward of the image's other k-1 samples is
-its baseline (no greedy pass needed). The loss raises the log-probability of samples
+the image's references (`train.scst_reward`: sentence BLEU-4, `metrics.sentence_bleu4`;
+its share of the batch's corpus BLEU-4, `metrics.linear_corpus_bleu4`; or CIDEr-D,
+`metrics.CiderD`), and the mean reward of the image's other k-1 samples is its
+baseline (no greedy pass needed). The loss raises the log-probability of samples
 that beat their baseline and lowers the others'.
 
 Sampling and scoring use the same policy: the caller puts the model in eval mode
@@ -18,7 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .data import image_input
-from .metrics import CiderD, sentence_bleu4
+from .metrics import CiderD, linear_corpus_bleu4, sentence_bleu4
 from .search import sample
 from .vocab import Vocab
 
@@ -36,21 +37,31 @@ class Images(Dataset):
         return image_input(self.source, i), i
 
 
-Reward = Callable[[list[str], int], float]  # (a sampled caption's words, its image's index) -> score
+# (sampled captions' words, each one's image index) -> (a reward per caption, the batch's score to log)
+Reward = Callable[[list[list[str]], list[int]], tuple[list[float], float]]
+
+
+def _per_caption(score: Callable[[list[str], int], float]) -> Reward:
+    def reward(captions, images):
+        r = [score(words, i) for words, i in zip(captions, images)]
+        return r, sum(r) / len(r)
+    return reward
 
 
 def reward_function(kind: str, references: list[list[list[str]]]) -> Reward:
-    """The reward of a sampled caption; references[i] are training image i's tokenized captions."""
+    """The rewards of a batch of sampled captions; references[i] are training image i's tokenized captions."""
     if kind == "bleu4":
-        return lambda words, i: sentence_bleu4(words, references[i])
+        return _per_caption(lambda words, i: sentence_bleu4(words, references[i]))
     if kind == "cider":
-        return CiderD(references).score
-    raise ValueError(f"unknown scst reward {kind!r}; choose bleu4 or cider")
+        return _per_caption(CiderD(references).score)
+    if kind == "corpus_bleu4":
+        return lambda captions, images: linear_corpus_bleu4(captions, [references[i] for i in images])
+    raise ValueError(f"unknown scst reward {kind!r}; choose bleu4, corpus_bleu4 or cider")
 
 
 def self_critical_loss(model, inputs: torch.Tensor, images: list[int], reward: Reward, vocab: Vocab,
                        samples: int, max_len: int) -> tuple[torch.Tensor, float]:
-    """Policy-gradient loss for a batch of images, and the mean reward of its samples.
+    """Policy-gradient loss for a batch of images, and the reward's score of its samples.
 
     `model(inputs, tokens)` gives teacher-forced logits (a train.Trainable, DDP-wrapped or not);
     `images[b]` is input b's index for `reward`.
@@ -64,8 +75,8 @@ def self_critical_loss(model, inputs: torch.Tensor, images: list[int], reward: R
     hyps = sample(core.decoder, feats.repeat_interleave(samples, 0), start=vocab.start, end=vocab.end, max_len=max_len,
                   banned=(vocab.pad, vocab.start, vocab.unk))
     seqs = [h[0].tokens for h in hyps]
-    r = torch.tensor([reward([vocab.itos[t] for t in s], images[i // samples]) for i, s in enumerate(seqs)],
-                     device=inputs.device).view(-1, samples)
+    rewards, score = reward([[vocab.itos[t] for t in s] for s in seqs], [images[i // samples] for i in range(len(seqs))])
+    r = torch.tensor(rewards, device=inputs.device).view(-1, samples)
     advantage = (r - (r.sum(1, keepdim=True) - r) / (samples - 1)).view(-1, 1)
     # A sample cut off at max_len never chose <end>, so <end> is not part of what is scored.
     ids = torch.nn.utils.rnn.pad_sequence(
@@ -74,4 +85,4 @@ def self_critical_loss(model, inputs: torch.Tensor, images: list[int], reward: R
     tokens, targets = ids[:, :-1], ids[:, 1:]
     logp = model(inputs, tokens).log_softmax(-1).gather(2, targets.unsqueeze(2)).squeeze(2)
     mask = targets != 0
-    return -(advantage * logp)[mask].sum() / mask.sum(), r.mean().item()
+    return -(advantage * logp)[mask].sum() / mask.sum(), score

@@ -203,7 +203,7 @@ def train(cfg: Config, resume: bool = False) -> Trainable:
         print(f"train ({t.objective}): {len(train_ex)} images, {len(train_set)} items; dev: {len(dev_ex)} images; "
               f"vocab {len(vocab)}; decoder {sum(p.numel() for p in decoder.parameters()) / 1e6:.2f}M params")
 
-    def step_loss(batch):  # (loss, mean reward of the samples for scst, else None)
+    def step_loss(batch):  # (loss, the reward's score of the samples for scst, else None)
         if scst:
             inputs, idx = batch
             return self_critical_loss(ddp_model, inputs.to(device), idx.tolist(), reward, vocab, t.scst_samples,
