@@ -129,7 +129,7 @@ def linear_corpus_bleu4(hypotheses: list[list[str]], references: list[list[list[
     shares = []
     for ngrams, c, r in stats:
         g = sum(m / max(1, Mn) - t / Ln for (m, t), Mn, Ln in zip(ngrams, M, L)) / 4
-        if C < R:
+        if 0 < C < R:
             g += R * c / C ** 2 - r / C
         shares.append(len(stats) * g)
     score = min(1.0, math.exp(1 - R / C)) * math.exp(sum(math.log(m / t) for m, t in zip(M, L)) / 4) if min(M) else 0.0

@@ -80,6 +80,8 @@ def test_linear_corpus_bleu4_shares_are_each_captions_effect_on_corpus_bleu():
     for i in range(16):  # the distinct (caption, references) pairs
         without = metrics._nltk_bleu(refs[:i] + refs[i + 1:], hyps[:i] + hyps[i + 1:], metrics.BLEU_WEIGHTS[3], None)
         assert shares[i] / n == pytest.approx(math.log(score / without), abs=0.05 * abs(shares[i] / n) + 1e-5)
+    empty, score = metrics.linear_corpus_bleu4([[], []], refs[:2])  # samples that all ended at once
+    assert score == 0 and empty[0] == empty[1]  # none favoured: no advantage
 
 
 def test_closest_reference_length_ties_go_to_the_shorter_reference_in_both():
