@@ -215,12 +215,16 @@ def bench_beam(payload: dict, feats: torch.Tensor, beam: int, repeats: int) -> d
     config, vocab = caps["fp32"].config, caps["fp32"].vocab  # decoder: one Decoder, or an Ensemble
     kw = dict(start=vocab.start, end=vocab.end, beam_size=beam, max_len=config.decode.max_len,
               banned=(vocab.pad, vocab.start, vocab.unk))
-    out, fns = {}, {}
-    for p, cap in caps.items():
-        fns[f"batched_{p}"] = lambda p=p, d=cap.decoder: out.__setitem__(f"batched_{p}", beam_search(d, feats, **kw))
-        fns[f"single_{p}"] = lambda p=p, d=cap.decoder: out.__setitem__(
-            f"single_{p}", [beam_search(d, f[None], **kw)[0] for f in feats])
-    sec = interleaved(fns, repeats)
+    out = {}
+
+    def search(key, decoder, one_by_one):  # a timed call that keeps its captions in out[key]
+        def run():
+            out[key] = ([beam_search(decoder, f[None], **kw)[0] for f in feats] if one_by_one
+                        else beam_search(decoder, feats, **kw))
+        return run
+
+    sec = interleaved({f"{kind}_{p}": search(f"{kind}_{p}", cap.decoder, kind == "single")
+                       for p, cap in caps.items() for kind in ("batched", "single")}, repeats)
     for p in caps:
         for a, b in zip(out[f"batched_{p}"], out[f"single_{p}"]):
             assert [h.tokens for h in a] == [h.tokens for h in b], f"batched beam search changed a caption ({p})"
