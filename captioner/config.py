@@ -50,6 +50,7 @@ class TrainConfig:
     scst_reward: str = "bleu4"
     init_from: str | None = None  # checkpoint whose weights and vocabulary start the run (scst fine-tuning)
     scst_samples: int = 5  # captions sampled per image for scst; batch_size then counts images
+    scst_xe_weight: float = 0.0  # >0: scst also minimizes this much of the references' cross-entropy
     precision: str = "fp32"  # fp32 | bf16: forward and loss under bf16 autocast (fast on AMX CPUs and recent GPUs)
     seed: int = 0
     device: str = "auto"

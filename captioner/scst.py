@@ -60,18 +60,22 @@ def reward_function(kind: str, references: list[list[list[str]]]) -> Reward:
 
 
 def self_critical_loss(model, inputs: torch.Tensor, images: list[int], reward: Reward, vocab: Vocab,
-                       samples: int, max_len: int) -> tuple[torch.Tensor, float]:
+                       samples: int, max_len: int, references: list[list[list[int]]] | None = None,
+                       xe_weight: float = 0.0) -> tuple[torch.Tensor, float]:
     """Policy-gradient loss for a batch of images, and the reward's score of its samples.
 
     `model(inputs, tokens)` gives teacher-forced logits (a train.Trainable, DDP-wrapped or not);
-    `images[b]` is input b's index for `reward`.
+    `images[b]` is input b's index for `reward` and for `references` (token ids, `<start>`..`<end>`).
+    With `xe_weight` > 0 the loss adds that much of the cross-entropy of the images' reference
+    captions: a BLEU reward alone lets the captions shorten (see README, Results), the
+    references' likelihood holds their length and language.
     """
     if samples < 2:
         raise ValueError("self-critical training needs at least 2 samples per image (their mean is the baseline)")
     core = getattr(model, "module", model)  # the Trainable inside DistributedDataParallel
     with torch.no_grad():  # once per image; the samples share it
         feats = core.encoder(inputs) if core.encoder is not None else inputs
-    inputs = inputs.repeat_interleave(samples, 0)
+    per_image, inputs = inputs, inputs.repeat_interleave(samples, 0)
     hyps = sample(core.decoder, feats.repeat_interleave(samples, 0), start=vocab.start, end=vocab.end, max_len=max_len,
                   banned=(vocab.pad, vocab.start, vocab.unk))
     seqs = [h[0].tokens for h in hyps]
@@ -79,10 +83,17 @@ def self_critical_loss(model, inputs: torch.Tensor, images: list[int], reward: R
     r = torch.tensor(rewards, device=inputs.device).view(-1, samples)
     advantage = (r - (r.sum(1, keepdim=True) - r) / (samples - 1)).view(-1, 1)
     # A sample cut off at max_len never chose <end>, so <end> is not part of what is scored.
-    ids = torch.nn.utils.rnn.pad_sequence(
-        [torch.tensor([vocab.start, *s] + ([vocab.end] if len(s) < max_len else [])) for s in seqs],
-        batch_first=True).to(inputs.device)
+    rows = [[vocab.start, *s] + ([vocab.end] if len(s) < max_len else []) for s in seqs]
+    if xe_weight:  # the references ride in the same forward pass (one DDP forward per backward)
+        owner = torch.tensor([b for b, i in enumerate(images) for _ in references[i]], device=inputs.device)
+        rows += [ids for i in images for ids in references[i]]
+        inputs = torch.cat([inputs, per_image[owner]])
+    ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(row) for row in rows], batch_first=True).to(inputs.device)
     tokens, targets = ids[:, :-1], ids[:, 1:]
     logp = model(inputs, tokens).log_softmax(-1).gather(2, targets.unsqueeze(2)).squeeze(2)
     mask = targets != 0
-    return -(advantage * logp)[mask].sum() / mask.sum(), score
+    n = len(seqs)
+    loss = -(advantage * logp[:n])[mask[:n]].sum() / mask[:n].sum()
+    if xe_weight:
+        loss = loss - xe_weight * logp[n:][mask[n:]].mean()
+    return loss, score

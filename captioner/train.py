@@ -179,6 +179,7 @@ def train(cfg: Config, resume: bool = False) -> Trainable:
         train_set, train_collate = Images(train_src), None
         lengths = [1] * len(train_set)
         reward = reward_function(t.scst_reward, [[tokenize(c) for c in ex.captions] for ex in train_ex])
+        references = [[vocab.encode(c, cfg.data.max_caption_len) for c in ex.captions] for ex in train_ex]
     else:
         train_set, train_collate = CaptionDataset(train_ex, vocab, train_src, cfg.data.max_caption_len), collate
         lengths = [len(ids) for _, ids in train_set.pairs]
@@ -207,7 +208,7 @@ def train(cfg: Config, resume: bool = False) -> Trainable:
         if scst:
             inputs, idx = batch
             return self_critical_loss(ddp_model, inputs.to(device), idx.tolist(), reward, vocab, t.scst_samples,
-                                      cfg.decode.max_len)
+                                      cfg.decode.max_len, references, t.scst_xe_weight)
         inputs, tokens, targets = batch
         return caption_loss(ddp_model(inputs.to(device), tokens.to(device)), targets.to(device),
                             t.label_smoothing), None

@@ -1,6 +1,7 @@
 """Training: loss goes down, resume is exact, cached features equal on-the-fly ones, DDP stays in sync."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import socket
@@ -14,10 +15,13 @@ import torch
 
 from conftest import ROOT, tiny_config
 from captioner import checkpoint
-from captioner.data import load_split
+from captioner.data import collate, load_split
+from captioner.decoder import caption_loss
 from captioner.encoders import build_encoder
 from captioner.features import extract
-from captioner.train import train
+from captioner.scst import reward_function, self_critical_loss
+from captioner.train import Trainable, train
+from captioner.vocab import tokenize
 
 
 def test_training_lowers_the_loss_and_writes_logs(tiny_run):
@@ -118,6 +122,23 @@ def test_self_critical_training_raises_the_reward_from_a_trained_start(tiny_run,
     start = checkpoint.load(best)
     assert checkpoint.load(tmp_path / "run/last.pt")["vocab"] == start["vocab"]  # the start's vocabulary
     assert any(not torch.equal(a, b) for a, b in zip(start["decoder"].values(), tuned.decoder.state_dict().values()))
+
+
+def test_self_critical_loss_adds_the_references_cross_entropy(captioner):
+    vocab, model = captioner.vocab, Trainable(copy.deepcopy(captioner.decoder), None)
+    feats = torch.randn(2, captioner.encoder.dim)
+    captions = [["a red circle", "a big red circle on white"], ["a blue square"]]
+    references = [[vocab.encode(c) for c in caps] for caps in captions]
+    reward = reward_function("bleu4", [[tokenize(c) for c in caps] for caps in captions])
+
+    def loss(xe_weight):
+        torch.manual_seed(0)  # the same samples both times
+        return self_critical_loss(model, feats, [0, 1], reward, vocab, 3, 12, references, xe_weight)[0]
+
+    x, tokens, targets = collate([(feats[b], torch.tensor(ids)) for b in (0, 1) for ids in references[b]])
+    xe = caption_loss(model(x, tokens), targets)
+    assert xe > 0.1
+    assert torch.allclose(loss(0.5), loss(0.0) + 0.5 * xe, atol=1e-5)
 
 
 def test_self_critical_training_needs_a_start_and_a_known_reward(tiny_run, tmp_path):
