@@ -71,6 +71,17 @@ def ensemble(payloads: list[dict], names: list[str]) -> dict:
     return {"config": first["config"], "vocab": first["vocab"], "decoder": [p["decoder"] for p in payloads]}
 
 
+def average(payloads: list[dict], names: list[str]) -> dict:
+    """The `save` arguments of one model whose decoder weights are the mean of the given
+    models' (a "model soup", Wortsman et al. 2022). Meant for models fine-tuned from one
+    start, e.g. self-critical runs with other seeds: their mean decodes at one decoder's
+    cost and scores like a small ensemble. Models trained from scratch apart do not average."""
+    members = ensemble(payloads, names)["decoder"]  # the same checks as an ensemble's
+    mean = {k: sum(sd[k] for sd in members) / len(members) if members[0][k].is_floating_point() else members[0][k]
+            for k in members[0]}
+    return {"config": payloads[0]["config"], "vocab": payloads[0]["vocab"], "decoder": mean}
+
+
 def load(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():

@@ -5,7 +5,9 @@ and the decoding defaults chosen on dev (scripts/tune_decoding.py) written into 
         decode.beam_size=5 decode.length_penalty=wu decode.alpha=0.7
 
 Several checkpoints make one ensemble model (`decoder.Ensemble`): `checkpoint.ensemble`
-checks they share the vocabulary, the model config and the frozen encoder.
+checks they share the vocabulary, the model config and the frozen encoder. With --average
+they make one decoder with their mean weights instead (`checkpoint.average`; for models
+fine-tuned from one start, such as self-critical runs with other seeds).
 """
 from __future__ import annotations
 
@@ -19,12 +21,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sources", nargs="+", help="checkpoint(s) to export; several make an ensemble")
     p.add_argument("-o", "--out", required=True, help="where to write the model")
+    p.add_argument("--average", action="store_true",
+                   help="average the checkpoints' weights into one decoder instead of an ensemble")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="config overrides, e.g. decode.beam_size=5")
     args = p.parse_args()
     try:
         payloads = [checkpoint.load(s) for s in args.sources]
-        payload = checkpoint.ensemble(payloads, args.sources) if len(payloads) > 1 else payloads[0]
+        combine = checkpoint.average if args.average else checkpoint.ensemble
+        payload = combine(payloads, args.sources) if len(payloads) > 1 else payloads[0]
     except checkpoint.CheckpointError as e:
         raise SystemExit(f"error: {e}")
     config = Config.from_dict(apply_overrides(payload["config"], args.overrides)).to_dict()  # validates keys

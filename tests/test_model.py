@@ -383,3 +383,19 @@ def test_larger_lite_encoders_take_their_own_resolution_and_name_their_weights_p
 def test_unknown_encoder_is_rejected():
     with pytest.raises(ValueError, match="unknown encoder"):
         build_encoder("resnet9000")
+
+
+def test_average_of_fine_tuned_models_is_one_decoder_with_their_mean_weights(captioner, tmp_path):
+    from captioner import Captioner
+
+    a, b = captioner.decoder.state_dict(), perturbed_copy(captioner.decoder, 1).state_dict()
+    payloads = [{"config": captioner.config.to_dict(), "vocab": captioner.vocab.to_dict(), "decoder": d} for d in (a, b)]
+    soup = checkpoint.average(payloads, ["a.pt", "b.pt"])
+    assert set(soup["decoder"]) == set(a)
+    for k in a:
+        torch.testing.assert_close(soup["decoder"][k], (a[k] + b[k]) / 2)
+    checkpoint.save(tmp_path / "soup.pt", **soup)
+    assert isinstance(Captioner.load(tmp_path / "soup.pt", device="cpu").decoder, Decoder)
+    other_vocab = {**payloads[1], "vocab": Vocab.build(["a completely different vocabulary"], 1).to_dict()}
+    with pytest.raises(checkpoint.CheckpointError, match="b.pt has another vocabulary than a.pt"):
+        checkpoint.average([payloads[0], other_vocab], ["a.pt", "b.pt"])
