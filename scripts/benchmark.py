@@ -225,10 +225,12 @@ def bench_beam(payload: dict, feats: torch.Tensor, beam: int, repeats: int) -> d
 
     sec = interleaved({f"{kind}_{p}": search(f"{kind}_{p}", cap.decoder, kind == "single")
                        for p, cap in caps.items() for kind in ("batched", "single")}, repeats)
-    for p in caps:
+    # bf16 products are rounded to 8 mantissa bits, and the batch's shape changes how oneDNN blocks
+    # the sums, so a score may move by a few bf16 roundings (4.8e-3 seen on 100 images).
+    for p, atol in (("fp32", 1e-3), ("bf16", 2e-2)):
         for a, b in zip(out[f"batched_{p}"], out[f"single_{p}"]):
             assert [h.tokens for h in a] == [h.tokens for h in b], f"batched beam search changed a caption ({p})"
-            assert np.allclose([h.score for h in a], [h.score for h in b], atol=1e-3), f"batched beam scores differ ({p})"
+            assert np.allclose([h.score for h in a], [h.score for h in b], atol=atol), f"batched beam scores differ ({p})"
     captions = {p: [vocab.decode(h[0].tokens) for h in out[f"batched_{p}"]] for p in caps}
     r = {"beam_sizes": f"{len(feats)} images, beam {beam}, max_len {kw['max_len']}",
          "distinct_captions": len(set(captions["fp32"])), "example_caption": captions["fp32"][0],
