@@ -13,7 +13,7 @@ from captioner.evaluate import evaluate
 from captioner.inference import DEFAULT_CHECKPOINT
 
 N_IMAGES = 500
-MEASURED_BLEU4 = 21.19  # measured on the committed model (XE then self-critical; beam 5, Wu alpha 1.0)
+MEASURED_BLEU4 = 22.04  # measured on the committed model (mean of 10 self-critical runs; beam 8, Wu alpha 1.0)
 MARGIN = 1.0
 
 
