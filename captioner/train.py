@@ -179,7 +179,8 @@ def train(cfg: Config, resume: bool = False) -> Trainable:
         train_set, train_collate = Images(train_src), None
         lengths = [1] * len(train_set)
         reward = reward_function(t.scst_reward, [[tokenize(c) for c in ex.captions] for ex in train_ex])
-        references = [[vocab.encode(c, cfg.data.max_caption_len) for c in ex.captions] for ex in train_ex]
+        references = ([[vocab.encode(c, cfg.data.max_caption_len) for c in ex.captions] for ex in train_ex]
+                      if t.scst_xe_weight else None)
     else:
         train_set, train_collate = CaptionDataset(train_ex, vocab, train_src, cfg.data.max_caption_len), collate
         lengths = [len(ids) for _, ids in train_set.pairs]

@@ -174,8 +174,8 @@ def test_bf16_training_lowers_the_loss_and_keeps_fp32_weights(tiny_run, tmp_path
     # self-critical steps sample under the same autocast (their decoding step once mixed dtypes)
     scst = tiny_config(Path(cfg0.data.root), tmp_path / "scst", "train.precision=bf16", "train.objective=scst",
                        f"train.init_from={tmp_path / 'run/best.pt'}", "train.epochs=1", "train.batch_size=8",
-                       f"data.feature_cache={cfg0.data.feature_cache}")
-    train(scst)
+                       "train.scst_xe_weight=0.1", f"data.feature_cache={cfg0.data.feature_cache}")
+    train(scst)  # with the references' cross-entropy mixed in
     assert "train_reward" in json.loads((tmp_path / "scst/run/metrics.jsonl").read_text().splitlines()[0])
     with pytest.raises(ValueError, match="precision"):
         train(tiny_config(Path(cfg0.data.root), tmp_path / "x", "train.precision=fp8",
