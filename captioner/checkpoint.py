@@ -58,15 +58,15 @@ def save(path: str | Path, *, config: dict, vocab: dict, decoder: dict | list[di
 
 def ensemble(payloads: list[dict], names: list[str]) -> dict:
     """The `save` arguments of one model decoding with all the given models' decoders, once they
-    are checked to fit together (the first one's config is kept)."""
+    are checked to fit together (the first one's config is kept). `average` combines the same way."""
     first = payloads[0]
     for p, name in zip(payloads[1:], names[1:]):
         if p["vocab"] != first["vocab"]:
-            raise CheckpointError(f"{name} has another vocabulary than {names[0]}: they cannot form an ensemble")
+            raise CheckpointError(f"{name} has another vocabulary than {names[0]}: they cannot be combined")
         if p["config"]["model"] != first["config"]["model"]:
-            raise CheckpointError(f"{name} has another model config than {names[0]}: they cannot form an ensemble")
+            raise CheckpointError(f"{name} has another model config than {names[0]}: they cannot be combined")
     if any("encoder" in p or isinstance(p["decoder"], list) for p in payloads):
-        raise CheckpointError("ensemble members must be single models on the shared frozen encoder "
+        raise CheckpointError("only single models on the shared frozen encoder can be combined "
                               "(no fine-tuned encoder, no ensembles)")
     return {"config": first["config"], "vocab": first["vocab"], "decoder": [p["decoder"] for p in payloads]}
 
@@ -76,10 +76,11 @@ def average(payloads: list[dict], names: list[str]) -> dict:
     models' (a "model soup", Wortsman et al. 2022). Meant for models fine-tuned from one
     start, e.g. self-critical runs with other seeds: their mean decodes at one decoder's
     cost and scores like a small ensemble. Models trained from scratch apart do not average."""
-    members = ensemble(payloads, names)["decoder"]  # the same checks as an ensemble's
+    merged = ensemble(payloads, names)  # the same checks
+    members = merged["decoder"]
     mean = {k: sum(sd[k] for sd in members) / len(members) if members[0][k].is_floating_point() else members[0][k]
             for k in members[0]}
-    return {"config": payloads[0]["config"], "vocab": payloads[0]["vocab"], "decoder": mean}
+    return {**merged, "decoder": mean}
 
 
 def load(path: str | Path) -> dict:
