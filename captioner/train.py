@@ -96,7 +96,8 @@ def make_optimizer(params, t: TrainConfig) -> torch.optim.Adam:
 
 
 def evaluate_bleu(captioner: Captioner, feats, examples, batch_size: int = 500) -> dict[str, float]:
-    """Dev BLEU of decoded captions (the model's own decoding settings), not teacher-forced."""
+    """Dev BLEU of decoded captions (the model's own decoding settings), not teacher-forced.
+    feats: an (N, D) array (a memmapped cache or in memory), one row per example."""
     hyps = []
     for i in range(0, len(examples), batch_size):
         batch = torch.as_tensor(np.array(feats[i:i + batch_size], dtype=np.float32))
@@ -252,8 +253,8 @@ def train(cfg: Config, resume: bool = False) -> Trainable:
             captioner = Captioner(encoder, decoder, vocab, cfg, device)
             if finetune:
                 with torch.inference_mode():
-                    dev_feats = torch.cat([captioner.encode(x) for x in
-                                           DataLoader(ImageFiles(dev_ex, encoder.transform), batch_size=64)])
+                    dev_images = DataLoader(ImageFiles(dev_ex, encoder.transform), batch_size=64)
+                    dev_feats = torch.cat([captioner.encode(x) for x in dev_images]).cpu().numpy()
             else:
                 dev_feats = dev_src
             record.update(evaluate_bleu(captioner, dev_feats, dev_ex))
