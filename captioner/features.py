@@ -54,13 +54,13 @@ def extract(encoder: Encoder, examples: list[Example], cache: str | Path, split:
     cache.mkdir(parents=True, exist_ok=True)
     arr_path, meta_path = _paths(cache, split)
     ids = [ex.image_id for ex in examples]
-    meta = {"encoder": encoder.name, "ids": ids, "dtype": dtype, "dim": encoder.dim, "done": 0}
+    meta = {"encoder": encoder.name, "ids": ids, "dtype": dtype, "dim": encoder.width, "done": 0}
     if meta_path.is_file() and arr_path.is_file():
         old = json.loads(meta_path.read_text())
         if {k: old.get(k) for k in ("encoder", "ids", "dtype", "dim")} == {k: meta[k] for k in ("encoder", "ids", "dtype", "dim")}:
             meta["done"] = old["done"]
     if meta["done"] == 0:
-        arr = np.lib.format.open_memmap(arr_path, mode="w+", dtype=dtype, shape=(len(ids), encoder.dim))
+        arr = np.lib.format.open_memmap(arr_path, mode="w+", dtype=dtype, shape=(len(ids), encoder.width))
         _write_json(meta_path, meta)
     else:
         arr = np.load(arr_path, mmap_mode="r+")

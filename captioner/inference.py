@@ -17,7 +17,7 @@ import torch
 
 from . import checkpoint
 from .config import Config
-from .decoder import Decoder, Ensemble
+from .decoder import Decoder, Ensemble, build_decoder
 from .encoders import Encoder, build_encoder
 from .images import load_image
 from .search import Hypothesis, beam_search, greedy, sample
@@ -76,12 +76,13 @@ class Captioner:
             config.decode.precision = precision
         vocab = Vocab.from_dict(payload["vocab"])
         fine_tuned = "encoder" in payload
-        encoder = build_encoder(config.model.encoder, pretrained=config.model.pretrained and not fine_tuned)
+        encoder = build_encoder(config.model.encoder, pretrained=config.model.pretrained and not fine_tuned,
+                                regions=config.model.attention)
         if fine_tuned:
             encoder.load_state_dict(payload["encoder"])
         decoders = []
         for state in payload["decoder"] if isinstance(payload["decoder"], list) else [payload["decoder"]]:
-            decoders.append(Decoder(config.model, len(vocab), encoder.dim))
+            decoders.append(build_decoder(config.model, len(vocab), encoder.dim))
             decoders[-1].load_state_dict(state)
         return cls(encoder, decoders[0] if len(decoders) == 1 else Ensemble(decoders), vocab, config, device)
 

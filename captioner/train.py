@@ -28,7 +28,7 @@ from tqdm import tqdm
 from . import checkpoint
 from .config import Config, TrainConfig
 from .data import CaptionDataset, LengthBatches, collate, load_split
-from .decoder import Decoder, caption_loss
+from .decoder import Decoder, build_decoder, caption_loss
 from .encoders import build_encoder
 from .features import ImageFiles, extract, open_features
 from .inference import Captioner, resolve_device
@@ -39,7 +39,7 @@ from .vocab import Vocab, tokenize
 
 def extract_all(cfg: Config, batch_size: int = 64, num_workers: int = 2) -> None:
     """Cache encoder features of the train and dev splits (resumable)."""
-    encoder = build_encoder(cfg.model.encoder, cfg.model.pretrained)
+    encoder = build_encoder(cfg.model.encoder, cfg.model.pretrained, regions=cfg.model.attention)
     device = resolve_device(cfg.train.device)
     for split in (cfg.data.train_split, cfg.data.dev_split):
         extract(encoder, load_split(cfg.data, split), cfg.data.feature_cache, split, batch_size=batch_size,
@@ -161,13 +161,13 @@ def train(cfg: Config, resume: bool = False) -> Trainable:
         (c for ex in train_ex for c in ex.captions), cfg.data.min_count)
 
     finetune = cfg.model.finetune_encoder
-    encoder = build_encoder(cfg.model.encoder, cfg.model.pretrained, trainable=finetune)
+    encoder = build_encoder(cfg.model.encoder, cfg.model.pretrained, trainable=finetune, regions=cfg.model.attention)
     if finetune:
         train_src, dev_src = ImageFiles(train_ex, encoder.transform), ImageFiles(dev_ex, encoder.transform)
     else:
         train_src = open_features(cfg.data.feature_cache, cfg.data.train_split, train_ex, encoder.name)
         dev_src = open_features(cfg.data.feature_cache, cfg.data.dev_split, dev_all, encoder.name)[: len(dev_ex)]
-    decoder = Decoder(cfg.model, len(vocab), encoder.dim)
+    decoder = build_decoder(cfg.model, len(vocab), encoder.dim)
     model = Trainable(decoder, encoder if finetune else None).to(device)
     if start:
         decoder.load_state_dict(start["decoder"])

@@ -11,15 +11,15 @@ from PIL import Image
 
 from captioner import checkpoint
 from captioner.config import ModelConfig
-from captioner.decoder import Decoder, Dropout, Ensemble, caption_loss
+from captioner.decoder import AttentionDecoder, Decoder, Dropout, Ensemble, build_decoder, caption_loss
 from captioner.encoders import WeightsUnavailable, build_encoder
 from captioner.search import beam_search, greedy, sample
 from captioner.vocab import Vocab, tokenize
 
 
-def small_decoder(**kw) -> Decoder:
+def small_decoder(**kw) -> Decoder | AttentionDecoder:
     torch.manual_seed(0)
-    return Decoder(ModelConfig(embed_dim=16, hidden_dim=24, dropout=0.0, **kw), vocab_size=30, feature_dim=12)
+    return build_decoder(ModelConfig(embed_dim=16, hidden_dim=24, dropout=0.0, **kw), vocab_size=30, feature_dim=12)
 
 
 # -- the image matters --------------------------------------------------------------------
@@ -56,12 +56,13 @@ def test_every_step_injection_is_one_fused_call_equal_to_separate_weights():
     torch.testing.assert_close(fused, separate)
 
 
-@pytest.mark.parametrize("cell,inject,layers", [("lstm", "every", 1), ("lstm", "every", 2), ("gru", "every", 1),
-                                               ("lstm", "init", 1)])
-def test_decoding_steps_equal_teacher_forcing(cell, inject, layers):
+@pytest.mark.parametrize("cell,inject,layers,attention", [
+    ("lstm", "every", 1, False), ("lstm", "every", 2, False), ("gru", "every", 1, False), ("lstm", "init", 1, False),
+    ("lstm", "every", 1, True)])
+def test_decoding_steps_equal_teacher_forcing(cell, inject, layers, attention):
     """Search's step (the hand-run LSTM cell with W_iv·v hoisted, or the nn module) == forward()."""
-    dec = small_decoder(cell=cell, inject=inject, num_layers=layers).eval()
-    feats, tokens = torch.randn(3, 12), torch.randint(4, 30, (3, 6))
+    dec = small_decoder(cell=cell, inject=inject, num_layers=layers, attention=attention).eval()
+    feats, tokens = torch.randn(3, 12 * (5 if attention else 1)), torch.randint(4, 30, (3, 6))
     with torch.inference_mode():
         v = dec.features(feats)
         state, ctx, steps = dec.initial_state(v), dec.step_context(v), []
@@ -69,6 +70,37 @@ def test_decoding_steps_equal_teacher_forcing(cell, inject, layers):
             logp, state = dec.step(ctx, tokens[:, t], state)
             steps.append(logp)
         torch.testing.assert_close(torch.stack(steps, 1), dec(feats, tokens).log_softmax(-1))
+
+
+def test_attention_sees_where_things_are_not_only_their_mean():
+    """Two images whose 4 regions have the same mean (so the same v) but differ region by region."""
+    dec = small_decoder(attention=True, feature_proj=8).eval()
+    regions = torch.randn(4, 12)
+    other = torch.stack([regions[0] + regions[1] - regions[2], regions[2], regions[2], regions[3]])
+    feats = torch.stack([regions.flatten(), other.flatten()])
+    tokens = torch.randint(4, 30, (1, 5)).expand(2, -1)
+    torch.testing.assert_close(feats[0].view(4, 12).mean(0), feats[1].view(4, 12).mean(0))
+    with torch.inference_mode():
+        logits = dec(feats, tokens)
+    assert (logits[0] - logits[1]).abs().amax(-1).min() > 1e-4  # at every step
+
+
+def test_attention_needs_a_single_layer_lstm_with_v_in_every_step():
+    for bad in (dict(cell="gru"), dict(inject="init"), dict(num_layers=2)):
+        with pytest.raises(ValueError, match="model.attention needs"):
+            small_decoder(attention=True, **bad)
+    with pytest.raises(ValueError, match="no spatial regions"):
+        build_encoder("vgg16", pretrained=False, regions=True)
+
+
+def test_lite0_regions_average_to_its_v():
+    pooled, regions = build_encoder("efficientnet_lite0"), build_encoder("efficientnet_lite0", regions=True)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        r = regions(x)
+        assert regions.regions == 49 and r.shape == (2, regions.width) == (2, 49 * 1280)
+        torch.testing.assert_close(r.view(2, 49, 1280).mean(1), pooled(x), atol=1e-5, rtol=1e-4)
+    assert regions.name != pooled.name  # their feature caches never mix
 
 
 def test_loss_ignores_padding():

@@ -89,6 +89,26 @@ def test_finetuning_the_encoder_trains_on_images_and_stores_its_weights(tiny_dat
     assert all(torch.equal(loaded[k], after[k].float() if after[k].is_floating_point() else after[k]) for k in after)
 
 
+def test_attention_model_trains_on_cached_regions_and_captions_images(tiny_data, tmp_path):
+    from captioner import Captioner
+    from captioner.train import extract_all
+
+    cfg = tiny_config(tiny_data, tmp_path, "model.attention=true", "model.feature_proj=32", "train.epochs=4")
+    extract_all(cfg, batch_size=16, num_workers=0)
+    cache = json.loads((tmp_path / "cache/train.json").read_text())
+    assert (cache["encoder"], cache["dim"]) == ("efficientnet_lite0_regions", 49 * 1280)
+    train(cfg)
+    log = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert log[-1]["train_loss"] < 0.7 * log[0]["train_loss"]
+    cap = Captioner.load(tmp_path / "run/best.pt", device="cpu")
+    dev = load_split(cfg.data, "dev")
+    out = cap.caption([ex.path for ex in dev[:2]])  # images -> regions -> attention -> words
+    assert all(r["caption"] for r in out)
+    cached = extract(cap.encoder, dev[:2], tmp_path / "fp32", "dev", num_workers=0, dtype="float32")
+    dev_feats = torch.from_numpy(np.array(cached))
+    assert [cap.format(h)["caption"] for h in cap.decode(dev_feats)] == [r["caption"] for r in out]
+
+
 def test_ddp_two_processes_keep_identical_parameters(tiny_run, tmp_path):
     cfg0, _ = tiny_run
     overrides = [f"data.root={cfg0.data.root}", f"data.feature_cache={cfg0.data.feature_cache}",
