@@ -35,6 +35,13 @@ class Dropout(nn.Dropout):
         return x * torch.rand_like(x).ge_(self.p).mul_(1 / (1 - self.p))
 
 
+def _projection(cfg: ModelConfig, feature_dim: int) -> tuple[nn.Module, int]:
+    """v's (or each region's) optional Linear+ReLU projection, and the size it gives."""
+    if cfg.feature_proj:
+        return nn.Sequential(nn.Linear(feature_dim, cfg.feature_proj), nn.ReLU()), cfg.feature_proj
+    return nn.Identity(), feature_dim
+
+
 class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, feature_dim: int):
         super().__init__()
@@ -43,8 +50,7 @@ class Decoder(nn.Module):
         if cfg.inject not in ("every", "init"):
             raise ValueError(f"unknown inject {cfg.inject!r}; choose 'every' or 'init'")
         self.cell, self.inject, self.num_layers = cfg.cell, cfg.inject, cfg.num_layers
-        self.proj = nn.Sequential(nn.Linear(feature_dim, cfg.feature_proj), nn.ReLU()) if cfg.feature_proj else nn.Identity()
-        self.feat_dim = cfg.feature_proj or feature_dim
+        self.proj, self.feat_dim = _projection(cfg, feature_dim)
         self.feature_dropout = Dropout(cfg.feature_dropout)
         self.embed = nn.Embedding(vocab_size, cfg.embed_dim, padding_idx=0)
         rnn_in = cfg.embed_dim + (self.feat_dim if cfg.inject == "every" else 0)
@@ -129,8 +135,8 @@ class AttentionDecoder(nn.Module):
         super().__init__()
         if cfg.cell != "lstm" or cfg.inject != "every" or cfg.num_layers != 1:
             raise ValueError("model.attention needs cell: lstm, inject: every and num_layers: 1")
-        self.feat_dim, self.hidden_dim = cfg.feature_proj or feature_dim, cfg.hidden_dim
-        self.proj = nn.Sequential(nn.Linear(feature_dim, cfg.feature_proj), nn.ReLU()) if cfg.feature_proj else nn.Identity()
+        self.proj, self.feat_dim = _projection(cfg, feature_dim)
+        self.hidden_dim, self.region_dim = cfg.hidden_dim, feature_dim
         self.feature_dropout = Dropout(cfg.feature_dropout)
         self.att_a = nn.Linear(self.feat_dim, self.feat_dim)
         self.att_h = nn.Linear(cfg.hidden_dim, self.feat_dim, bias=False)
@@ -139,7 +145,6 @@ class AttentionDecoder(nn.Module):
         self.cell = nn.LSTMCell(cfg.embed_dim + 2 * self.feat_dim, cfg.hidden_dim)
         self.dropout = Dropout(cfg.dropout)
         self.out = nn.Linear(cfg.hidden_dim, vocab_size)
-        self.region_dim = feature_dim
 
     @property
     def vocab_size(self) -> int:

@@ -45,8 +45,10 @@ def _transform(resize: int, crop: int, mean, std) -> T.Compose:
 VGG16_FILE = "vgg16-397923af.pth"
 
 
-def vgg16(pretrained: bool = True) -> Encoder:
+def vgg16(pretrained: bool = True, regions: bool = False) -> Encoder:
     """VGG16, v = fc7: the output of the second FC-4096 layer after its ReLU (4096-d)."""
+    if regions:  # fc7 has no spatial layout
+        raise ValueError("encoder 'vgg16' gives no spatial regions for attention; use an efficientnet_lite encoder")
     from torchvision.models import VGG16_Weights, vgg16 as tv_vgg16
 
     weights = None
@@ -114,8 +116,6 @@ ENCODERS: dict[str, Callable[..., Encoder]] = {
 def build_encoder(name: str, pretrained: bool = True, trainable: bool = False, regions: bool = False) -> Encoder:
     if name not in ENCODERS:
         raise ValueError(f"unknown encoder {name!r}; choose from {sorted(ENCODERS)}")
-    if regions and not name.startswith("efficientnet_lite"):
-        raise ValueError(f"encoder {name!r} gives no spatial regions for attention; use an efficientnet_lite encoder")
-    encoder = ENCODERS[name](pretrained=pretrained, **({"regions": True} if regions else {}))
+    encoder = ENCODERS[name](pretrained=pretrained, regions=regions)
     encoder.requires_grad_(trainable)
     return encoder.train(trainable)
