@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from .config import Config
+
 FORMAT = "captioner-checkpoint/1"
 
 
@@ -60,10 +62,12 @@ def ensemble(payloads: list[dict], names: list[str]) -> dict:
     """The `save` arguments of one model decoding with all the given models' decoders, once they
     are checked to fit together (the first one's config is kept). `average` combines the same way."""
     first = payloads[0]
-    for p, name in zip(payloads[1:], names[1:]):
+    # Compared as loaded: a checkpoint saved before a model field existed has that field's default.
+    model = [Config.from_dict(p["config"]).model for p in payloads]
+    for p, m, name in zip(payloads[1:], model[1:], names[1:]):
         if p["vocab"] != first["vocab"]:
             raise CheckpointError(f"{name} has another vocabulary than {names[0]}: they cannot be combined")
-        if p["config"]["model"] != first["config"]["model"]:
+        if m != model[0]:
             raise CheckpointError(f"{name} has another model config than {names[0]}: they cannot be combined")
     if any("encoder" in p or isinstance(p["decoder"], list) for p in payloads):
         raise CheckpointError("only single models on the shared frozen encoder can be combined "

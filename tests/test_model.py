@@ -276,6 +276,18 @@ def test_ensemble_refuses_members_that_cannot_decode_together(captioner):
         checkpoint.ensemble([base, {**base, "encoder": {}}], ["a.pt", "b.pt"])
 
 
+def test_a_checkpoint_saved_before_a_model_field_existed_combines_with_a_new_one(captioner):
+    base = {"config": captioner.config.to_dict(), "vocab": captioner.vocab.to_dict(),
+            "decoder": captioner.decoder.state_dict()}
+    model = dict(base["config"]["model"])
+    del model["attention"]  # e.g. the shipped model, exported before model.attention was added
+    older = {**base, "config": {**base["config"], "model": model}}
+    assert len(checkpoint.ensemble([older, base], ["old.pt", "new.pt"])["decoder"]) == 2
+    model["attention"] = True
+    with pytest.raises(checkpoint.CheckpointError, match="model config"):
+        checkpoint.ensemble([{**base, "config": {**base["config"], "model": model}}, base], ["a.pt", "b.pt"])
+
+
 # -- vocabulary ---------------------------------------------------------------------------
 
 def test_vocab_round_trip_through_json_and_unknown_words():
