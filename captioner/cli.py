@@ -11,6 +11,12 @@ def _checkpoint_arg(p):
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                    help="decoder precision (default: the model's); bf16 is faster on AMX/AVX512-BF16 CPUs and GPUs")
+    _engine_arg(p)
+
+
+def _engine_arg(p):
+    p.add_argument("--engine", choices=["auto", "onnxruntime", "torch"], default=None,
+                   help="what runs the encoder (default: the model's, auto = onnxruntime on a CPU, torch on a GPU)")
 
 
 def _decode_args(p):
@@ -32,7 +38,7 @@ def cmd_caption(args):
     from .images import ImageError
     from .inference import Captioner
 
-    cap = Captioner.load(args.checkpoint, device=args.device, precision=args.precision)
+    cap = Captioner.load(args.checkpoint, device=args.device, precision=args.precision, engine=args.engine)
     failed = 0
     for path in args.images:
         try:
@@ -52,7 +58,7 @@ def cmd_caption_dir(args):
     from .inference import Captioner
 
     shard_spec = parse_shard(args.shard)  # before loading the model: a typo fails fast
-    cap = Captioner.load(args.checkpoint, device=args.device, precision=args.precision)
+    cap = Captioner.load(args.checkpoint, device=args.device, precision=args.precision, engine=args.engine)
     exts = args.ext.split(",") if args.ext else DEFAULT_EXTS
     s = caption_dir(cap, args.dir, args.out, recursive=args.recursive, exts=exts,
                     batch_size=args.batch_size, workers=args.workers, shard_spec=shard_spec, **_decode_options(args))
@@ -65,7 +71,7 @@ def cmd_evaluate(args):
     from .evaluate import evaluate, format_report
 
     report = evaluate(args.data, args.split, args.images, checkpoint=args.checkpoint, device=args.device,
-                      precision=args.precision,
+                      precision=args.precision, engine=args.engine,
                       results=args.results, human=args.human, coco=False if args.no_coco else None,
                       out=args.out, batch_size=args.batch_size, workers=args.workers, progress=not args.json,
                       **_decode_options(args))
@@ -77,7 +83,10 @@ def cmd_extract_features(args):
     from .config import load_config
     from .train import extract_all
 
-    extract_all(load_config(args.config, args.overrides), batch_size=args.batch_size, num_workers=args.workers)
+    cfg = load_config(args.config, args.overrides)
+    if args.engine:
+        cfg.decode.engine = args.engine
+    extract_all(cfg, batch_size=args.batch_size, num_workers=args.workers)
     return 0
 
 
@@ -93,7 +102,7 @@ def cmd_demo(args):
     from .inference import Captioner
     from .ui import build_ui
 
-    cap = Captioner.load(args.checkpoint, device=args.device, precision=args.precision)
+    cap = Captioner.load(args.checkpoint, device=args.device, precision=args.precision, engine=args.engine)
     build_ui(cap).launch(server_name=args.host, server_port=args.port)
     return 0
 
@@ -104,7 +113,7 @@ def cmd_serve(args):
 
     given = dict(max_files=args.max_files, max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels)
     limits = Limits(**{k: v for k, v in given.items() if v is not None})  # unset: the service's defaults
-    cap = Captioner.load(args.checkpoint, device=args.device, precision=args.precision)
+    cap = Captioner.load(args.checkpoint, device=args.device, precision=args.precision, engine=args.engine)
     serve(cap, host=args.host, port=args.port, limits=limits)
     return 0
 
@@ -154,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
+    _engine_arg(p)
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.set_defaults(func=cmd_extract_features)
 

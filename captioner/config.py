@@ -83,6 +83,8 @@ class DecodeConfig:
     # fp32 | bf16: the decoder's weights and matrix products in bf16 (gates, state and scores stay
     # fp32). Fast where the CPU has AMX or AVX512-BF16, or on a GPU; slow on CPUs without them.
     precision: str = "fp32"
+    # What runs the frozen encoder: auto (onnxruntime on a CPU, torch on a GPU) | onnxruntime | torch.
+    engine: str = "auto"
 
 
 @dataclass

@@ -181,7 +181,8 @@ def leave_one_out(examples: list[Example]) -> Captions:
 
 
 # -- scoring and the report -------------------------------------------------------------
-def evaluate(data, split=None, images=None, *, checkpoint=None, device="auto", precision=None, results=None,
+def evaluate(data, split=None, images=None, *, checkpoint=None, device="auto", precision=None, engine=None,
+             results=None,
              human=False, coco: bool | None = None, out=None, batch_size: int = 32, workers: int = 0, progress: bool = True,
              **decode_options) -> dict:
     """Score one split and return the report (see `format_report`); writes files into `out` if given.
@@ -203,7 +204,7 @@ def evaluate(data, split=None, images=None, *, checkpoint=None, device="auto", p
     else:
         from .inference import Captioner
 
-        captioner = Captioner.load(checkpoint, device=device, precision=precision)
+        captioner = Captioner.load(checkpoint, device=device, precision=precision, engine=engine)
         d = captioner.config.decode
         report["checkpoint"] = str(checkpoint) if checkpoint else "default model"
         report["decode"] = {"method": decode_options.get("method", "beam"),

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from .data import Example
 from .encoders import Encoder
+from .engine import encoder_runner
 from .images import load_image
 
 
@@ -49,7 +50,8 @@ class StaleCache(RuntimeError):
 
 
 def extract(encoder: Encoder, examples: list[Example], cache: str | Path, split: str, *, batch_size: int = 64,
-            num_workers: int = 2, dtype: str = "float16", device="cpu") -> np.ndarray:
+            num_workers: int = 2, dtype: str = "float16", device="cpu", engine: str = "auto") -> np.ndarray:
+    """Cache `encoder`'s features of `examples`, run by `engine` (see captioner.engine)."""
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
     arr_path, meta_path = _paths(cache, split)
@@ -68,10 +70,10 @@ def extract(encoder: Encoder, examples: list[Example], cache: str | Path, split:
     if start < len(ids):
         loader = DataLoader(ImageFiles(examples[start:], encoder.transform), batch_size=batch_size,
                             num_workers=num_workers)
-        encoder = encoder.eval().to(device)
-        with torch.inference_mode(), tqdm(total=len(ids), initial=start, desc=f"features {split}", unit="img") as bar:
+        run = encoder_runner(encoder, engine, torch.device(device))
+        with tqdm(total=len(ids), initial=start, desc=f"features {split}", unit="img") as bar:
             for pixels in loader:
-                feats = encoder(pixels.to(device)).float().cpu().numpy()
+                feats = run(pixels).float().cpu().numpy()
                 arr[start:start + len(feats)] = feats
                 arr.flush()
                 start += len(feats)

@@ -31,6 +31,7 @@ from .data import CaptionDataset, LengthBatches, collate, load_split
 from .decoder import Decoder, build_decoder, caption_loss
 from .encoders import build_encoder
 from .features import ImageFiles, extract, open_features
+from .hardware import check_bf16
 from .inference import Captioner, resolve_device
 from .metrics import bleu
 from .scst import Images, reward_function, self_critical_loss
@@ -38,12 +39,12 @@ from .vocab import Vocab, tokenize
 
 
 def extract_all(cfg: Config, batch_size: int = 64, num_workers: int = 2) -> None:
-    """Cache encoder features of the train and dev splits (resumable)."""
+    """Cache encoder features of the train and dev splits (resumable), run by cfg.decode.engine."""
     encoder = build_encoder(cfg.model.encoder, cfg.model.pretrained, regions=cfg.model.attention)
     device = resolve_device(cfg.train.device)
     for split in (cfg.data.train_split, cfg.data.dev_split):
         extract(encoder, load_split(cfg.data, split), cfg.data.feature_cache, split, batch_size=batch_size,
-                num_workers=num_workers, dtype=cfg.data.feature_dtype, device=device)
+                num_workers=num_workers, dtype=cfg.data.feature_dtype, device=device, engine=cfg.decode.engine)
 
 
 class Trainable(nn.Module):
@@ -150,6 +151,7 @@ def train(cfg: Config, resume: bool = False) -> Trainable:
     scst = t.objective == "scst"
     if t.precision not in ("fp32", "bf16"):
         raise ValueError(f"unknown precision {t.precision!r}; choose fp32 or bf16")
+    check_bf16(t.precision, device, "train.precision")
     if scst and not t.init_from:
         raise ValueError("objective scst fine-tunes a trained model: set train.init_from to its checkpoint")
     state = checkpoint.load(out / "last.pt") if resume else None
@@ -250,7 +252,7 @@ def train(cfg: Config, resume: bool = False) -> Trainable:
                 dev_losses = [caption_loss(model(x.to(device), y.to(device)), z.to(device)).item()
                               for x, y, z in dev_loader]
             record["dev_loss"] = float(np.mean(dev_losses))
-            captioner = Captioner(encoder, decoder, vocab, cfg, device)
+            captioner = Captioner(encoder, decoder, vocab, cfg, device, engine="torch")  # weights change every epoch
             if finetune:
                 with torch.inference_mode():
                     dev_images = DataLoader(ImageFiles(dev_ex, encoder.transform), batch_size=64)
