@@ -67,7 +67,7 @@ def self_critical_loss(model, inputs: torch.Tensor, images: list[int], reward: R
     `model(inputs, tokens)` gives teacher-forced logits (a train.Trainable, DDP-wrapped or not);
     `images[b]` is input b's index for `reward` and for `references` (token ids, `<start>`..`<end>`).
     With `xe_weight` > 0 the loss adds that much of the cross-entropy of the images' reference
-    captions: a BLEU reward alone lets the captions shorten (see README, Results), the
+    captions: a BLEU reward alone lets the captions shorten (see docs/results.md), the
     references' likelihood holds their length and language.
     """
     if samples < 2:

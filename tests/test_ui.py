@@ -33,6 +33,15 @@ def client(base_url, tmp_path_factory):
                   download_files=str(tmp_path_factory.mktemp("gradio_downloads")))
 
 
+def test_every_demo_example_has_a_stated_licence():
+    from captioner.ui import example_images
+
+    examples = [Path(p).name for p in example_images()]
+    licences = (ROOT / "demo" / "examples" / "LICENSES.md").read_text()
+    assert "grace_hopper.jpg" in examples and len(examples) >= 5
+    assert [name for name in examples if f"| `{name}` |" not in licences] == []
+
+
 def test_ui_api_captions_one_image_with_n_best(client, captioner, tiny_data):
     from gradio_client import handle_file
 
@@ -77,7 +86,7 @@ def test_browser_uploads_a_photo_and_sees_its_caption_offline(base_url, captione
         pytest.skip(reason)
     from playwright.sync_api import expect, sync_playwright
 
-    photo = ROOT / "demo" / "examples" / "dog_on_grass.jpg"
+    photo = ROOT / "demo" / "examples" / "camera.jpg"
     expected = captioner.caption(photo)["caption"]
     outside = []  # any request leaving loopback: the page must work offline
     ARTIFACTS.mkdir(exist_ok=True)
