@@ -72,6 +72,29 @@ def test_decoding_steps_equal_teacher_forcing(cell, inject, layers, attention):
         torch.testing.assert_close(torch.stack(steps, 1), dec(feats, tokens).log_softmax(-1))
 
 
+def test_decoding_steps_follow_weights_that_change_after_a_search():
+    """Searches gather W_x·x from a per-vocabulary table; an optimizer step or a load must rebuild it."""
+    dec = small_decoder().eval()
+    feats, tokens = torch.randn(3, 12), torch.randint(4, 30, (3,))
+
+    def step():
+        with torch.inference_mode():
+            v = dec.features(feats)
+            return dec.step(dec.step_context(v), tokens, None)[0]
+
+    before = step()
+    opt = torch.optim.SGD(dec.parameters(), lr=0.5)
+    dec(feats, tokens[:, None]).sum().backward()
+    opt.step()
+    after = step()
+    assert not torch.allclose(before, after)
+    with torch.inference_mode():
+        torch.testing.assert_close(after, dec(feats, tokens[:, None]).log_softmax(-1)[:, 0])
+    dec.load_state_dict(small_decoder().state_dict())  # fresh weights copied in place
+    with torch.inference_mode():
+        torch.testing.assert_close(step(), dec(feats, tokens[:, None]).log_softmax(-1)[:, 0])
+
+
 def test_attention_sees_where_things_are_not_only_their_mean():
     """Two images whose 4 regions have the same mean (so the same v) but differ region by region."""
     dec = small_decoder(attention=True, feature_proj=8).eval()
