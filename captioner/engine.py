@@ -13,12 +13,10 @@ never trusted.
 """
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .encoders import Encoder
+from .files import atomic_path, write_atomic
 
 ENGINES = ("auto", "onnxruntime", "torch")
 # Bump when the exported graph changes for the same weights (opset, input/output names).
@@ -71,25 +70,15 @@ def _file_sha256(path: Path) -> str:
 
 def export_onnx(module: torch.nn.Module, example: tuple, path: str | Path, *, input_names: list[str],
                 output_names: list[str], dynamic_shapes) -> None:
-    """torch.onnx.export (the torch.export-based exporter) into `path`, atomically: a reader sees the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            # The exporter warns about its own internals (deprecations it has not yet followed); not ours to fix.
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(module.eval(), example, dynamo=True, verbose=False, opset_version=OPSET,
-                                        input_names=input_names, output_names=output_names,
-                                        dynamic_shapes=dynamic_shapes, external_data=False)
-        program.save(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    """torch.onnx.export (the torch.export-based exporter) into `path`, atomically."""
+    with torch.no_grad(), warnings.catch_warnings():
+        # The exporter warns about its own internals (deprecations it has not yet followed); not ours to fix.
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module.eval(), example, dynamo=True, verbose=False, opset_version=OPSET,
+                                    input_names=input_names, output_names=output_names,
+                                    dynamic_shapes=dynamic_shapes, external_data=False)
+    with atomic_path(path) as tmp:
+        program.save(str(tmp))
 
 
 def encoder_onnx(encoder: Encoder, folder: str | Path | None = None) -> Path:
@@ -116,10 +105,8 @@ def encoder_onnx(encoder: Encoder, folder: str | Path | None = None) -> Path:
             example = (torch.zeros(2, 3, encoder.input_size, encoder.input_size),)
             export_onnx(encoder, example, path, input_names=["pixels"], output_names=["features"],
                         dynamic_shapes={"images": {0: torch.export.Dim("batch")}})
-            tmp = meta.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps({"sha256": _file_sha256(path), "encoder": encoder.name,
-                                       "torch": torch.__version__, "opset": OPSET}))
-            os.replace(tmp, meta)
+            write_atomic(meta, json.dumps({"sha256": _file_sha256(path), "encoder": encoder.name,
+                                           "torch": torch.__version__, "opset": OPSET}))
     return path
 
 

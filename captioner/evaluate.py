@@ -23,7 +23,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 from . import metrics
 from .config import DataConfig
 from .data import Example, load_split
+from .files import write_atomic
 from .vocab import tokenize
 
 MISSING_FILE = "missing file"
@@ -262,11 +262,7 @@ def write_outputs(out: str | Path, captions: Captions, report: dict, with_result
 
 
 def _write(path: Path, text: str) -> str:
-    # Write then rename: an interrupted run never leaves half a file over a previous one.
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return str(path)
+    return str(write_atomic(path, text))  # an interrupted run never leaves half a file over a previous one
 
 
 LABELS = {"bleu1": "BLEU-1", "bleu2": "BLEU-2", "bleu3": "BLEU-3", "bleu4": "BLEU-4", "coco_bleu1": "BLEU-1",

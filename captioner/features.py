@@ -10,7 +10,6 @@ killed run resumes where it stopped and never trusts a half-written row.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from tqdm import tqdm
 from .data import Example
 from .encoders import Encoder
 from .engine import encoder_runner
+from .files import write_atomic
 from .images import load_image
 
 
@@ -40,9 +40,7 @@ def _paths(cache: Path, split: str) -> tuple[Path, Path]:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj))
 
 
 class StaleCache(RuntimeError):
