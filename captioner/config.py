@@ -46,8 +46,7 @@ class DataConfig:
 class TrainConfig:
     out_dir: str = "runs/default"
     objective: str = "xe"  # xe: teacher-forced cross-entropy | scst: self-critical training (see captioner.scst)
-    # bleu4 (sentence BLEU-4) | corpus_bleu4 (each caption's share of the batch's corpus BLEU-4)
-    # | cider (CIDEr-D, idf from the training captions)
+    # bleu4 (sentence BLEU-4) | cider (CIDEr-D, idf from the training captions)
     scst_reward: str = "bleu4"
     init_from: str | None = None  # checkpoint whose weights and vocabulary start the run (scst fine-tuning)
     scst_samples: int = 5  # captions sampled per image for scst; batch_size then counts images

@@ -116,7 +116,7 @@ class Captioner:
         d = self.config.decode
         feats = feats.to(self.device, torch.float32)
         common = dict(start=self.vocab.start, end=self.vocab.end, max_len=max_len or d.max_len,
-                      banned=(self.vocab.pad, self.vocab.start, self.vocab.unk))
+                      banned=self.vocab.banned)
         if method == "beam":
             return beam_search(self.decoder, feats, beam_size=beam_size or d.beam_size, n_best=n_best,
                                length_penalty=length_penalty or d.length_penalty,

@@ -230,7 +230,7 @@ def bench_beam(payload: dict, feats: torch.Tensor, beam: int, repeats: int) -> d
     caps = {p: Captioner.from_payload(payload, device="cpu", precision=p) for p in ("fp32", "bf16")}
     config, vocab = caps["fp32"].config, caps["fp32"].vocab  # decoder: one Decoder, or an Ensemble
     kw = dict(start=vocab.start, end=vocab.end, beam_size=beam, max_len=config.decode.max_len,
-              banned=(vocab.pad, vocab.start, vocab.unk))
+              banned=vocab.banned)
     out = {}
 
     def search(key, decoder, one_by_one):  # a timed call that keeps its captions in out[key]

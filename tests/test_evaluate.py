@@ -66,24 +66,6 @@ def test_cider_d_is_pycocoevalcaps_when_its_corpus_is_the_scored_images():
     assert metrics.CiderD(refs[:1]).score(hyps[0], 0) != pytest.approx(ours.score(hyps[0], 0))
 
 
-def test_linear_corpus_bleu4_shares_are_each_captions_effect_on_corpus_bleu():
-    refs = [[tokenize(r) for r in rs] for rs in REFS] * 25
-    hyps = [tokenize(h)[: 3 + i % 4] for i, h in enumerate(HYPS * 25)]  # cut short: the set pays a brevity penalty
-    from nltk.translate.bleu_score import closest_ref_length
-
-    assert sum(map(len, hyps)) < sum(closest_ref_length(r, len(h)) for h, r in zip(hyps, refs))  # so the penalty's term counts
-    shares, score = metrics.linear_corpus_bleu4(hyps, refs)
-    assert score > 0 and score == pytest.approx(metrics._nltk_bleu(refs, hyps, metrics.BLEU_WEIGHTS[3], None), abs=1e-12)
-    assert sum(shares) == pytest.approx(0, abs=1e-9)
-    # share / N is the first-order change in log BLEU-4: compare with leaving each caption out.
-    n = len(hyps)
-    for i in range(16):  # the distinct (caption, references) pairs
-        without = metrics._nltk_bleu(refs[:i] + refs[i + 1:], hyps[:i] + hyps[i + 1:], metrics.BLEU_WEIGHTS[3], None)
-        assert shares[i] / n == pytest.approx(math.log(score / without), abs=0.05 * abs(shares[i] / n) + 1e-5)
-    empty, score = metrics.linear_corpus_bleu4([[], []], refs[:2])  # samples that all ended at once
-    assert score == 0 and empty[0] == empty[1]  # none favoured: no advantage
-
-
 def test_closest_reference_length_ties_go_to_the_shorter_reference_in_both():
     # 5 words, references of 4 and 6: both libraries take 4, so no brevity penalty.
     hyp, refs = "a dog runs on grass", ["a dog runs fast", "a dog runs on the lawn"]
