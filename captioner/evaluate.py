@@ -95,6 +95,17 @@ def load_examples(data: str | Path, split: str | None = None, images: str | Path
     return fmt, load_split(cfg, split)
 
 
+def training_captions(data, fmt: str, split: str | None) -> list[str] | None:
+    """The training split's captions of the same dataset; None for a COCO file (it holds one split) or
+    a dataset without a train split."""
+    if fmt == "coco" or split == "train":
+        return None
+    try:
+        return [c for ex in load_examples(data, "train", need_images=False)[1] for c in ex.captions]
+    except FileNotFoundError:
+        return None
+
+
 # -- the three sources of captions ------------------------------------------------------
 def caption_split(captioner, examples: list[Example], batch_size: int = 32, workers: int = 0,
                   progress: bool = True, **decode_options) -> Captions:
@@ -225,6 +236,7 @@ def evaluate(data, split=None, images=None, *, checkpoint=None, device="auto", p
     report["empty_hypotheses"] = sum(not tokenize(h) for h in captions.hypotheses)
     report |= metrics.bleu(captions.hypotheses, captions.references)
     report["bleu_method"] = metrics.BLEU_METHOD
+    report |= metrics.diversity(captions.hypotheses, training_captions(data, fmt, split))
 
     if coco is None:
         coco = metrics.java_available()
@@ -288,6 +300,10 @@ def format_report(r: dict) -> str:
     if r["empty_hypotheses"]:
         lines.append(f"  {r['empty_hypotheses']} empty hypotheses (kept: they match nothing)")
     lines += ["", f"BLEU ({r['bleu_method']}):", "  " + _row(r, ["bleu1", "bleu2", "bleu3", "bleu4"])]
+    verbatim = (f", {r['verbatim_train_pct']:.1f}% verbatim in the training captions"
+                if "verbatim_train_pct" in r else "")
+    lines.append(f"diversity: {r['vocab_used']} words used, {r['distinct_pct']:.1f}% distinct captions{verbatim}, "
+                 f"mean length {r['mean_length']:.1f} words")
     if "coco_method" in r:
         lines += [f"coco-caption ({r['coco_method']}):", "  " + _row(r, metrics.COCO_KEYS), f"  {r['spice']}"]
     elif "coco_caption" in r:

@@ -105,6 +105,23 @@ class CiderD:
         return 10 * total / self.n / len(self.refs[image])
 
 
+def diversity(hypotheses: list[str], training_captions: list[str] | None = None) -> dict[str, float]:
+    """How varied the captions are (van Miltenburg et al. 2018, "Measuring the diversity of automatic
+    image descriptions"): words used over the set, % distinct captions, % that appear verbatim among
+    the training captions (when given), and mean length in words. Optimising BLEU alone shortens
+    captions and narrows the vocabulary; these show it where BLEU does not."""
+    from .vocab import tokenize
+
+    tokens = [tuple(tokenize(h)) for h in hypotheses]
+    r = {"vocab_used": len({w for t in tokens for w in t}),
+         "distinct_pct": 100 * len(set(tokens)) / max(1, len(tokens)),
+         "mean_length": sum(map(len, tokens)) / max(1, len(tokens))}
+    if training_captions is not None:
+        seen = {tuple(tokenize(c)) for c in training_captions}
+        r["verbatim_train_pct"] = 100 * sum(t in seen for t in tokens) / max(1, len(tokens))
+    return r
+
+
 def java_available() -> bool:
     return shutil.which("java") is not None
 

@@ -99,6 +99,16 @@ def test_pinned_difference_hypothesis_shorter_than_n_adds_one_ngram_in_nltk_only
     assert [ours[f"bleu{n}"] for n in (1, 2, 3)] == pytest.approx(coco[:3], abs=1e-6)
 
 
+def test_diversity_counts_words_distinct_and_copied_captions():
+    hyps = ["A dog runs.", "a dog runs", "a cat sleeps on a mat", ""]
+    r = metrics.diversity(hyps, training_captions=["a dog runs", "a bird flies"])
+    assert r["vocab_used"] == 7  # a dog runs cat sleeps on mat
+    assert r["distinct_pct"] == 75.0  # the first two are the same caption once tokenized
+    assert r["verbatim_train_pct"] == 50.0
+    assert r["mean_length"] == (3 + 3 + 6 + 0) / 4
+    assert "verbatim_train_pct" not in metrics.diversity(hyps)
+
+
 def test_empty_hypothesis_scores_without_error():
     # The empty one adds its shortest reference to the brevity penalty's length.
     assert 0 < metrics.bleu(["", HYPS[0]], [REFS[1], REFS[0]])["bleu1"] < metrics.bleu([HYPS[0]], [REFS[0]])["bleu1"]
@@ -183,6 +193,8 @@ def test_model_evaluation_skips_bad_images_counts_them_and_writes_results(broken
     hyps, refs = [r["caption"] for r in results], [captions[r["image_id"]] for r in results]
     assert {k: report[k] for k in ("bleu1", "bleu2", "bleu3", "bleu4")} == metrics.bleu(hyps, refs)
     assert report["bleu1"] > 50  # the tiny model learned its colours and shapes
+    assert {k: report[k] for k in ("vocab_used", "distinct_pct", "mean_length")} == pytest.approx(metrics.diversity(hyps))
+    assert "verbatim_train_pct" not in report  # this folder has no train split to compare with
 
     # The same captions scored from the results file, with no model: a missing checkpoint is never opened.
     rc, out, _ = run_cli(capsys, "--data", str(root), "--split", "test", "--results",
