@@ -25,7 +25,7 @@ from pydantic import BaseModel
 from starlette.datastructures import Headers
 
 from . import __version__
-from .batcher import Batcher
+from .microbatch import Batcher
 from .images import ImageError
 from .inference import Captioner
 from .ui import MAX_BEAM, MAX_LEN, build_ui

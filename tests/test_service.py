@@ -147,7 +147,7 @@ def test_pixel_limit_is_checked_before_decoding(client):
 
 
 def test_batcher_fails_only_the_request_with_a_bad_option(captioner, photos):
-    from captioner.batcher import Batcher
+    from captioner.microbatch import Batcher
 
     batcher = Batcher(captioner)
     try:
