@@ -96,8 +96,8 @@ class BodyLimit:
             await _error(413, e.detail)(scope, receive, send)
 
 
-def _error(status: int, message: str, **extra) -> JSONResponse:
-    return JSONResponse({"detail": message, **extra}, status_code=status)
+def _error(code: int, message: str, **extra) -> JSONResponse:
+    return JSONResponse({"detail": message, **extra}, status_code=code)
 
 
 def _busy(message: str) -> HTTPException:
@@ -127,7 +127,7 @@ def create_app(captioner: Captioner, limits: Limits = Limits(), ui: bool = True)
     app = FastAPIOffline(title="captioner", version=__version__, lifespan=lifespan,
                          description="Image captioning: POST images, get captions. The demo UI is at /.")
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
-    app.state.batcher = batcher
+    app.state.batcher, app.state.budget = batcher, budget
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
