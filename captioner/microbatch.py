@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .inference import Captioner
-from .limits import Overloaded
+from .limits import Limits, Overloaded
 
 
 @dataclass
@@ -31,7 +31,7 @@ class _Job:
 
 
 class Batcher:
-    def __init__(self, captioner: Captioner, max_batch: int | None = None, max_queued: int = 128):
+    def __init__(self, captioner: Captioner, max_batch: int | None = None, max_queued: int = Limits.max_queued):
         # On CPU the encoder is fastest per image at batches of 4-8 (measured: 16 is slower
         # than 8); a GPU wants bigger batches.
         self.max_batch = max_batch or (32 if captioner.device.type == "cuda" else 8)
