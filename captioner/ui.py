@@ -118,7 +118,8 @@ def build_ui(captioner: Captioner, caption=None, examples: list[str] | None = No
                   concurrency_id=MODEL_QUEUE)
         # A new photo (uploaded or an example clicked) is captioned at once; clearing it clears the output.
         image.change(lambda im, *rest: caption_one(im, *rest) if im else ("", None), inputs, [best, table],
-                     api_visibility="private", concurrency_limit=concurrency, concurrency_id=MODEL_QUEUE)
+                     api_visibility="private", concurrency_limit=concurrency,
+                     concurrency_id=MODEL_QUEUE)
         run_many.click(caption_many, [files, beam_many, max_len_many], [gallery, table_many],
                        api_name="caption_many", concurrency_limit=concurrency, concurrency_id=MODEL_QUEUE)
     return ui

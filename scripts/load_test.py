@@ -111,7 +111,7 @@ def soak_payloads(photos: list[Path], cache: Path) -> dict[str, tuple[float, lis
         "truncated": (0.06, [("cut.jpg", first[:len(first) // 2])], {415}),
         "text-as-jpg": (0.06, [("notes.jpg", b"this is not a picture\n" * 40)], {415}),
         "bomb": (0.07, [("bomb_10k.png", png_bomb(10_000)), ("bomb_30k.png", png_bomb(30_000, rows=0))], {413}),
-        "cut-off upload": (0.12, [(name, body) for name, body in good[:5]] + [("large.png", large_png(photos[0], cache))],
+        "cut-off upload": (0.12, good[:5] + [("large.png", large_png(photos[0], cache))],
                            set()),  # the client hangs up: no answer expected
     }
 
@@ -219,7 +219,8 @@ def latency_line(values: list[float]) -> str:
     if not lat:
         return "no answers"
     return (f"p50 {percentile(lat, 50) * 1000:.0f} ms  p90 {percentile(lat, 90) * 1000:.0f} ms  "
-            f"p99 {percentile(lat, 99) * 1000:.0f} ms  max {lat[-1] * 1000:.0f} ms  mean {statistics.mean(lat) * 1000:.0f} ms")
+            f"p99 {percentile(lat, 99) * 1000:.0f} ms  max {lat[-1] * 1000:.0f} ms  "
+            f"mean {statistics.mean(lat) * 1000:.0f} ms")
 
 
 def report(tally: Tally, wall: float, expected: dict[str, set]) -> int:
@@ -258,7 +259,8 @@ def main(argv=None) -> int:
     target = ap.add_mutually_exclusive_group()
     target.add_argument("--url", help="a running server (default: start one here)")
     target.add_argument("--checkpoint", help="model for the server started here (default: the shipped one)")
-    ap.add_argument("--serve-args", default="", help="more flags for the server started here, e.g. '--pixels-in-flight 40000000'")
+    ap.add_argument("--serve-args", default="",
+                    help="more flags for the server started here, e.g. '--pixels-in-flight 40000000'")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--burst", type=int, metavar="CLIENTS", help="this many clients at once, one 6000x6000 PNG each")
     mode.add_argument("--soak", type=float, metavar="SECONDS", help="64 clients (--clients) of mixed traffic")
@@ -283,7 +285,8 @@ def main(argv=None) -> int:
         payloads = soak_payloads(photos, cache)
     elif args.burst:
         large = large_png(photos[0], cache)
-        print(f"each client uploads {photos[0].name} scaled to {LARGE_SIDE}x{LARGE_SIDE} PNG, {len(large) / 1e6:.1f} MB")
+        print(f"each client uploads {photos[0].name} scaled to {LARGE_SIDE}x{LARGE_SIDE} PNG, "
+              f"{len(large) / 1e6:.1f} MB")
 
     proc, url = (None, args.url) if args.url else start_server(args.checkpoint, shlex.split(args.serve_args))
     try:
