@@ -32,6 +32,7 @@ def _decode_options(args) -> dict:
 def _server_args(p, port: int):
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 for every one)")
     p.add_argument("--port", type=int, default=port)
+    p.add_argument("--max-pixels", type=int, help="width x height limit of one image (default 40 million)")
 
 
 def cmd_caption(args):
@@ -103,7 +104,8 @@ def cmd_demo(args):
     from .ui import build_ui
 
     cap = Captioner.load(args.checkpoint, device=args.device, precision=args.precision, engine=args.engine)
-    build_ui(cap).launch(server_name=args.host, server_port=args.port)
+    limit = {"max_pixels": args.max_pixels} if args.max_pixels else {}
+    build_ui(cap, **limit).launch(server_name=args.host, server_port=args.port)
     return 0
 
 
@@ -111,7 +113,8 @@ def cmd_serve(args):
     from .inference import Captioner
     from .service import Limits, serve
 
-    given = dict(max_files=args.max_files, max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels)
+    given = dict(max_files=args.max_files, max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
+                 pixels_in_flight=args.pixels_in_flight)
     limits = Limits(**{k: v for k, v in given.items() if v is not None})  # unset: the service's defaults
     cap = Captioner.load(args.checkpoint, device=args.device, precision=args.precision, engine=args.engine)
     serve(cap, host=args.host, port=args.port, limits=limits)
@@ -183,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     _server_args(p, port=8000)
     p.add_argument("--max-files", type=int, help="images per request (default 16)")
     p.add_argument("--max-upload-mb", type=float, help="request body limit (default 20)")
-    p.add_argument("--max-pixels", type=int, help="width x height limit of one image (default 40 million)")
+    p.add_argument("--pixels-in-flight", type=int,
+                   help="pixels decoded at once, the memory budget (default twice --max-pixels)")
     p.set_defaults(func=cmd_serve)
     return parser
 
