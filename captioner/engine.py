@@ -142,7 +142,10 @@ def encoder_runner(encoder: Encoder, engine: str = "auto", device: torch.device 
         else:
             def run(pixels: torch.Tensor) -> torch.Tensor:
                 array = pixels.detach().to("cpu", torch.float32).contiguous().numpy()
-                return torch.from_numpy(session.run(None, {"pixels": array})[0])
+                try:
+                    return torch.from_numpy(session.run(None, {"pixels": array})[0])
+                except Exception as e:  # onnxruntime's own types: callers see what the torch engine raises
+                    raise RuntimeError(f"encoder (onnxruntime): {e}") from e
 
             return run
     encoder = encoder.eval().to(device)

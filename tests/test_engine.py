@@ -111,3 +111,10 @@ def test_bf16_is_called_slow_only_where_it_is():
         hardware._warn_once.cache_clear()
         with pytest.warns(UserWarning, match="neither AMX nor AVX512-BF16"):
             Captioner.load(device="cpu", precision="bf16")
+
+
+def test_a_bad_input_raises_what_the_torch_engine_raises():
+    encoder = build_encoder("efficientnet_lite0", pretrained=False)
+    for name in ("onnxruntime", "torch"):
+        with pytest.raises(RuntimeError):
+            engine.encoder_runner(encoder, name)(torch.zeros(1, 1, 224, 224))
