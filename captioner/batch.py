@@ -6,14 +6,23 @@ be read becomes an error row; it never stops the batch.
 
 The output (.jsonl or .csv) is appended and fsync'd once per batch, so a run that is
 killed loses at most the batch in flight. A rerun with the same output reads the
-rows already there, cuts away a torn last line, and captions only what is missing.
+rows already there, cuts away a torn last row, and captions only what is missing
+(with retry_errors, the images whose row is an error too). An image's last row is
+its answer: a retried image has two rows until the run ends and rewrites the file
+with one row each, atomically (a temporary file renamed over it). A lock file
+beside the output (`<out>.lock`) keeps two runs from writing one output at once.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
+import hashlib
 import io
 import json
 import os
+import socket
+import sys
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -62,6 +71,10 @@ def list_images(root: str | Path, *, recursive: bool = False, exts=DEFAULT_EXTS)
     return sorted(found)
 
 
+class OutputLocked(OutputError):
+    """Another run is writing the same output."""
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     """'i/n' (0 <= i < n) -> (i, n)."""
     try:
@@ -73,13 +86,68 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+def resolve_shard(text: str | None, environ=os.environ) -> tuple[int, int, str]:
+    """(i, n, where it came from): `--shard i/n` when given, else the scheduler's environment,
+    torchrun's RANK/WORLD_SIZE or a Slurm array's SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT,
+    else 0/1 (everything)."""
+    if text:
+        return (*parse_shard(text), "--shard")
+    source = "the environment"
+    try:
+        if "RANK" in environ and "WORLD_SIZE" in environ:
+            source = "RANK/WORLD_SIZE"
+            index, count = int(environ["RANK"]), int(environ["WORLD_SIZE"])
+        elif "SLURM_ARRAY_TASK_ID" in environ and "SLURM_ARRAY_TASK_COUNT" in environ:
+            source = "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT"
+            # Array ids need not start at 0 or be consecutive (--array=1-8, --array=0-30:10).
+            first, step = int(environ.get("SLURM_ARRAY_TASK_MIN", 0)), int(environ.get("SLURM_ARRAY_TASK_STEP", 1))
+            index, count = (int(environ["SLURM_ARRAY_TASK_ID"]) - first) // step, int(environ["SLURM_ARRAY_TASK_COUNT"])
+        else:
+            return 0, 1, "no shard"
+        return (*parse_shard(f"{index}/{count}"), source)
+    except ValueError as e:
+        raise ValueError(f"cannot take the shard from {source}: {e}") from None
+
+
+def shard_of(name: str, count: int) -> int:
+    """A file's shard from a hash of its relative path alone: the same on every machine
+    and in every listing, whatever other files a machine's copy of the folder holds."""
+    digest = hashlib.sha256(name.encode("utf-8", errors="surrogateescape")).digest()
+    return int.from_bytes(digest[:8], "big") % count
+
+
 def shard(files: list[str], index: int, count: int) -> list[str]:
-    """Every count-th file of the sorted list, starting at index: n machines, disjoint and complete."""
-    return files[index::count]
+    """The files of shard `index` of `count`: n machines, disjoint and complete."""
+    return [f for f in files if shard_of(f, count) == index]
+
+
+@contextlib.contextmanager
+def exclusive(out: Path, wait: bool = False):
+    """Hold an exclusive lock on `out` for the whole run, through `<out>.lock` beside it.
+
+    The lock file stays after the run: deleting it would let a run that opened it just
+    before lock a file that no longer exists, beside a newer run that locks a new one.
+    """
+    fd = os.open(out.with_name(out.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "unknown"
+            if not wait:
+                raise OutputLocked(f"{out} is being written by another caption-dir run (pid {holder}); "
+                                   "wait for it to end (--wait waits) or choose another --out") from None
+            print(f"caption-dir: waiting for the run writing {out} (pid {holder}) to end", file=sys.stderr)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock, also when the process dies
 
 
 class OutputFile:
-    """A results file, .jsonl or .csv: which images it already holds, and crash-safe appends."""
+    """A results file, .jsonl or .csv: the rows it holds, crash-safe appends and an atomic rewrite."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -88,14 +156,14 @@ class OutputFile:
             raise ValueError(f"--out must end in .jsonl or .csv (got {self.path.name!r})")
         self.csv = suffix == ".csv"
 
-    def done(self) -> set[str]:
-        """The images with a row; a torn last line (a crash mid-write) is cut off the file first."""
+    def rows(self) -> list[dict]:
+        """Every row, in file order; a torn last row (a crash mid-write) is cut off the file first."""
         if not self.path.exists():
-            return set()
+            return []
         data = self.path.read_bytes()
-        end = data.rfind(b"\n") + 1
+        end = self._complete_end(data)
         complete, tail = data[:end], data[end:]
-        names = self._parse(complete)
+        rows = self._parse(complete)
         if tail:
             if not self._torn_row(tail, header_done=bool(complete)):
                 raise OutputError(f"{self.path} does not end like a caption-dir result file; "
@@ -103,9 +171,27 @@ class OutputFile:
             with open(self.path, "r+b") as f:
                 f.truncate(end)
                 os.fsync(f.fileno())
-        return names
+        return rows
 
-    def _parse(self, complete: bytes) -> set[str]:
+    def last_rows(self) -> dict[str, dict]:
+        """Each image's last row (its answer), in the order the images first appear."""
+        return _last_per_image(self.rows())
+
+    def _complete_end(self, data: bytes) -> int:
+        """Where the last whole row ends. A CSV row ends at a newline outside quotes: a quoted
+        file name may hold newlines, and a torn row may stop inside its quotes."""
+        if not self.csv:
+            return data.rfind(b"\n") + 1
+        end = pos = 0
+        quoted = False
+        for line in data.split(b"\n")[:-1]:  # the last piece has no newline after it
+            pos += len(line) + 1
+            quoted ^= line.count(b'"') % 2 == 1  # an escaped quote ("") counts twice
+            if not quoted:
+                end = pos
+        return end
+
+    def _parse(self, complete: bytes) -> list[dict]:
         text = complete.decode("utf-8", errors="surrogateescape")  # non-UTF-8 file names round-trip
         if self.csv:
             rows = list(csv.reader(io.StringIO(text, newline=""), strict=True)) if text else []
@@ -113,17 +199,20 @@ class OutputFile:
                 raise OutputError(f"{self.path} is not a caption-dir CSV (header {rows[0]} != {CSV_COLUMNS})")
             bad = next((n for n, r in enumerate(rows[1:], 2) if len(r) != len(CSV_COLUMNS)), None)
             if bad:
-                raise OutputError(f"{self.path} line {bad}: expected {len(CSV_COLUMNS)} columns")
-            return {r[0] for r in rows[1:]}
-        names = set()
+                raise OutputError(f"{self.path} row {bad}: expected {len(CSV_COLUMNS)} columns")
+            return [dict(zip(CSV_COLUMNS, r)) for r in rows[1:]]
+        rows = []
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                names.add(json.loads(line)["image"])
-            except (ValueError, KeyError, TypeError):
-                raise OutputError(f"{self.path} line {n} is not a caption-dir row; not touching the file") from None
-        return names
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if not isinstance(row, dict) or "image" not in row:
+                raise OutputError(f"{self.path} line {n} is not a caption-dir row; not touching the file")
+            rows.append(row)
+        return rows
 
     def _torn_row(self, tail: bytes, header_done: bool) -> bool:
         if self.csv:
@@ -131,33 +220,66 @@ class OutputFile:
             return header_done or header.startswith(tail)
         return tail.startswith(JSONL_ROW_START) or JSONL_ROW_START.startswith(tail)
 
-    def append(self, rows: list[dict]) -> None:
-        """Append rows in one write, then fsync: after a crash the file holds whole rows and at most one torn line."""
-        new = not self.path.exists() or self.path.stat().st_size == 0
+    def _encode(self, rows: list[dict], header: bool) -> bytes:
         buf = io.StringIO(newline="")
         if self.csv:
             writer = csv.writer(buf, lineterminator="\n")
-            if new:
+            if header:
                 writer.writerow(CSV_COLUMNS)
             writer.writerows([r.get(c, "") for c in CSV_COLUMNS] for r in rows)
         else:
             # ASCII escapes keep every line valid UTF-8 JSON, even for non-UTF-8 file names.
             buf.writelines(json.dumps(r) + "\n" for r in rows)
-        data = buf.getvalue().encode("utf-8", errors="surrogateescape")
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        return buf.getvalue().encode("utf-8", errors="surrogateescape")
+
+    def append(self, rows: list[dict]) -> None:
+        """Append rows in one write, then fsync: after a crash the file holds whole rows and at most one torn row."""
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        _write(self.path, self._encode(rows, header=new), os.O_APPEND)
         if new:  # make the new file's directory entry durable too
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            _fsync_dir(self.path.parent)
+
+    def compact(self) -> int:
+        """Keep only each image's last row, where a retry left two; returns how many rows went.
+
+        The rows go to a temporary file beside the output, which is then renamed over it:
+        a crash leaves either the old file or the new one, whole.
+        """
+        rows = self.rows()
+        last = _last_per_image(rows)
+        if len(last) == len(rows):
+            return 0
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        _write(tmp, self._encode(list(last.values()), header=self.csv), os.O_TRUNC)
+        os.replace(tmp, self.path)
+        _fsync_dir(self.path.parent)
+        return len(rows) - len(last)
+
+
+def _last_per_image(rows: list[dict]) -> dict[str, dict]:
+    last = {}
+    for row in rows:
+        last[row["image"]] = row
+    return last
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | mode, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 class FileItem(NamedTuple):
@@ -204,32 +326,44 @@ def collate_files(items: list[FileItem]) -> FileBatch:
 
 class Summary(NamedTuple):
     total: int  # files in this shard
-    skipped: int  # already in the output before this run
+    skipped: int  # already in the output before this run (error rows too, unless retried)
     captioned: int
     errors: int
+    retried: int = 0  # error rows from earlier runs that this run tried again
 
 
 def caption_dir(captioner: Captioner, root: str | Path, out: str | Path, *, recursive: bool = False,
                 exts=DEFAULT_EXTS, batch_size: int = 32, workers: int = 2, shard_spec: tuple[int, int] = (0, 1),
-                progress: bool = True, **decode_options) -> Summary:
+                retry_errors: bool = False, wait: bool = False, progress: bool = True, **decode_options) -> Summary:
     """Caption every image file under `root` into `out` (.jsonl or .csv), resuming what is there.
 
     Rows: {"image": relative path, "caption", "score"} or {"image", "error"}.
+    retry_errors: images whose row is an error are tried again; the new row replaces it.
+    wait: when another run is writing `out`, wait for it to end instead of raising OutputLocked.
     decode_options go to `Captioner.decode` (beam_size, max_len, length_penalty ...).
     """
     root = Path(root)
     output = OutputFile(out)
     output.path.parent.mkdir(parents=True, exist_ok=True)  # fail now, not after the first batch
     files = shard(list_images(root, recursive=recursive, exts=exts), *shard_spec)
-    done = output.done()
-    todo = [f for f in files if f not in done]
-    summary = dict(total=len(files), skipped=len(files) - len(todo), captioned=0, errors=0)
-    if not todo:
-        return Summary(**summary)
-    loader = DataLoader(FileDataset(root, todo, captioner.preprocess), batch_size=batch_size, num_workers=workers,
+    with exclusive(output.path, wait):
+        last = output.last_rows()
+        retry = [f for f in files if retry_errors and f in last and last[f].get("error")]
+        todo = [f for f in files if f not in last] + retry
+        summary = dict(total=len(files), skipped=len(files) - len(todo), captioned=0, errors=0, retried=len(retry))
+        if todo:
+            _caption_files(captioner, root, sorted(todo), output, summary, batch_size=batch_size, workers=workers,
+                           progress=progress, decode_options=decode_options)
+        output.compact()
+    return Summary(**summary)
+
+
+def _caption_files(captioner: Captioner, root: Path, names: list[str], output: OutputFile, summary: dict, *,
+                   batch_size: int, workers: int, progress: bool, decode_options: dict) -> None:
+    loader = DataLoader(FileDataset(root, names, captioner.preprocess), batch_size=batch_size, num_workers=workers,
                         collate_fn=collate_files, pin_memory=captioner.device.type == "cuda",
                         worker_init_fn=_background_worker)
-    with tqdm(total=len(files), initial=summary["skipped"], unit="img", desc="caption-dir",
+    with tqdm(total=summary["total"], initial=summary["skipped"], unit="img", desc="caption-dir",
               disable=not progress, dynamic_ncols=True) as bar:
         for batch in loader:
             captions = iter([])
@@ -244,4 +378,3 @@ def caption_dir(captioner: Captioner, root: str | Path, out: str | Path, *, recu
             summary["captioned"] += len(rows) - n_err
             bar.update(len(rows))
             bar.set_postfix(errors=summary["errors"])
-    return Summary(**summary)
