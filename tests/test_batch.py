@@ -223,23 +223,35 @@ def test_shards_partition_the_folder(captioner, tiny_data, tmp_path):
             parse_shard(bad)
 
 
-def test_sigkill_mid_run_then_rerun_completes_without_duplicates(tiny_checkpoint, tmp_path):
-    folder = tmp_path / "photos"
+def photo_folder(folder: Path, n: int) -> Path:
     folder.mkdir()
-    for i in range(64):
+    for i in range(n):
         draw((220, 30, 30) if i % 2 else (30, 60, 220), "square" if i % 3 else "circle", seed=i).save(
             folder / f"img{i:03d}.jpg", quality=85)
+    return folder
+
+
+def caption_dir_command(folder: Path, out: Path, checkpoint: Path, workers: int) -> list[str]:
+    return [sys.executable, "-m", "captioner.cli", "caption-dir", str(folder), "--out", str(out), "--checkpoint",
+            str(checkpoint), "--device", "cpu", "--batch-size", "4", "--workers", str(workers)]
+
+
+def wait_for_rows(out: Path, proc: subprocess.Popen, rows: int) -> None:
+    deadline = time.monotonic() + 120
+    while not (out.exists() and out.read_bytes().count(b"\n") >= rows):
+        assert proc.poll() is None and time.monotonic() < deadline, "caption-dir ended before it was caught running"
+        time.sleep(0.02)
+
+
+def test_sigkill_mid_run_then_rerun_completes_without_duplicates(tiny_checkpoint, tmp_path):
+    folder = photo_folder(tmp_path / "photos", 64)
     out = tmp_path / "out.jsonl"
-    cmd = [sys.executable, "-m", "captioner.cli", "caption-dir", str(folder), "--out", str(out), "--checkpoint",
-           str(tiny_checkpoint), "--device", "cpu", "--batch-size", "4", "--workers", "1"]
+    cmd = caption_dir_command(folder, out, tiny_checkpoint, workers=1)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while not (out.exists() and out.read_bytes().count(b"\n") >= 8):
-            assert proc.poll() is None and time.monotonic() < deadline, "caption-dir ended before it was killed"
-            time.sleep(0.02)
+        wait_for_rows(out, proc, 8)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -312,22 +324,14 @@ def test_a_second_run_on_the_same_output_refuses_naming_the_first(captioner, tin
 
 
 def test_two_runs_on_one_output_write_each_row_once(tiny_checkpoint, tmp_path):
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for i in range(48):
-        draw((220, 30, 30) if i % 2 else (30, 60, 220), "square" if i % 3 else "circle", seed=i).save(
-            folder / f"img{i:03d}.jpg", quality=85)
+    folder = photo_folder(tmp_path / "photos", 48)
     out = tmp_path / "out.jsonl"
-    cmd = [sys.executable, "-m", "captioner.cli", "caption-dir", str(folder), "--out", str(out), "--checkpoint",
-           str(tiny_checkpoint), "--device", "cpu", "--batch-size", "4", "--workers", "0"]
+    cmd = caption_dir_command(folder, out, tiny_checkpoint, workers=0)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     waiting = None
     try:
-        deadline = time.monotonic() + 120
-        while not (out.exists() and out.read_bytes().count(b"\n") >= 4):  # the first run is writing
-            assert first.poll() is None and time.monotonic() < deadline, "the first run ended too soon"
-            time.sleep(0.02)
+        wait_for_rows(out, first, 4)  # the first run is writing
         os.kill(first.pid, signal.SIGSTOP)  # paused mid-run, holding the output, however fast the others start
         refused = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert refused.returncode == 2 and f"pid {first.pid} on " in refused.stderr, refused.stderr
