@@ -48,7 +48,7 @@ def cmd_caption(args):
 
 
 def cmd_caption_dir(args):
-    from .batch import DEFAULT_EXTS, caption_dir, resolve_shard
+    from .folder import DEFAULT_EXTS, caption_dir, resolve_shard
     from .inference import Captioner
 
     index, count, source = resolve_shard(args.shard)  # before loading the model: a typo fails fast

@@ -1,7 +1,7 @@
 """Benchmark folder captioning against the encoder alone, and single-image latency.
 
   pipeline_efficiency = caption-dir images/s / encoder-forward images/s
-      caption-dir: `batch.caption_dir` end to end (listing, decode workers, encoder,
+      caption-dir: `folder.caption_dir` end to end (listing, decode workers, encoder,
       beam search, fsync'd output); encoder: `Captioner.encode` over the same photos
       already preprocessed, same batch size. Both run in every repeat, side by side;
       the figure is the median of the per-repeat ratios. Goal >= 0.85.
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from captioner.batch import caption_dir
+from captioner.folder import caption_dir
 from captioner.inference import DEFAULT_CHECKPOINT, Captioner
 
 PHOTOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k" / "Flicker8k_Dataset"
