@@ -55,15 +55,20 @@ def cmd_caption(args):
 
 
 def cmd_caption_dir(args):
-    from .batch import DEFAULT_EXTS, caption_dir, parse_shard
+    from .folder import DEFAULT_EXTS, caption_dir, resolve_shard
     from .inference import Captioner
 
-    shard_spec = parse_shard(args.shard)  # before loading the model: a typo fails fast
+    index, count, source = resolve_shard(args.shard)  # before loading the model: a typo fails fast
+    if count > 1:
+        print(f"caption-dir: shard {index}/{count} (from {source})", file=sys.stderr)
+    out = args.out.replace("{shard}", f"{index}-of-{count}")
     cap = Captioner.load(args.checkpoint, device=args.device, precision=args.precision, engine=args.engine)
     exts = args.ext.split(",") if args.ext else DEFAULT_EXTS
-    s = caption_dir(cap, args.dir, args.out, recursive=args.recursive, exts=exts,
-                    batch_size=args.batch_size, workers=args.workers, shard_spec=shard_spec, **_decode_options(args))
-    print(f"{s.total} images: {s.captioned} captioned, {s.errors} errors, {s.skipped} already in {args.out}",
+    s = caption_dir(cap, args.dir, out, recursive=args.recursive, exts=exts,
+                    batch_size=args.batch_size, workers=args.workers, shard_spec=(index, count),
+                    retry_errors=args.retry_errors, wait=args.wait, **_decode_options(args))
+    retried = f" ({s.retried} of them retried error rows)" if s.retried else ""
+    print(f"{s.total} images: {s.captioned} captioned, {s.errors} errors{retried}, {s.skipped} already in {out}",
           file=sys.stderr)
     return 0
 
@@ -135,12 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("caption-dir", help="caption every image in a folder into a .jsonl or .csv (resumable)")
     p.add_argument("dir", help="folder of images")
-    p.add_argument("--out", required=True, help="results file, .jsonl or .csv; rerunning with it resumes")
+    p.add_argument("--out", required=True, help="results file, .jsonl or .csv; rerunning with it resumes. "
+                   "{shard} in it becomes i-of-n, so the shards of one torchrun command write apart")
     p.add_argument("--recursive", action="store_true", help="include subfolders")
     p.add_argument("--ext", default=None, help="comma-separated extensions (default: jpg,jpeg,png,gif,bmp,webp,tif,tiff)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2, help="image-decoding processes (0 = in the main process)")
-    p.add_argument("--shard", default="0/1", help="i/n: caption only every n-th file from the i-th (0 <= i < n)")
+    p.add_argument("--shard", default=None,
+                   help="i/n (0 <= i < n): caption only shard i of n; a file's shard is a hash of its relative path. "
+                        "Default: from torchrun's RANK/WORLD_SIZE or a Slurm array's "
+                        "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT, else 0/1")
+    p.add_argument("--retry-errors", action="store_true", help="caption again the images whose row is an error")
+    p.add_argument("--wait", action="store_true",
+                   help="if another run is writing --out, wait for it to end (default: refuse at once)")
     _checkpoint_arg(p)
     _decode_args(p)
     p.set_defaults(func=cmd_caption_dir)

@@ -114,7 +114,7 @@ def caption_split(captioner, examples: list[Example], batch_size: int = 32, work
     from tqdm import tqdm
 
     # caption-dir's loader: workers preprocess the files; an unreadable one becomes an error item.
-    from .batch import collate_files, FileDataset
+    from .folder import collate_files, FileDataset
 
     out = Captions()
     usable: list[Example] = []

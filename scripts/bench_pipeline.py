@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from captioner.data import Example  # noqa: E402
 from captioner.engine import resolve_engine  # noqa: E402
 from captioner.features import extract  # noqa: E402
-from captioner.batch import caption_dir  # noqa: E402
+from captioner.folder import caption_dir  # noqa: E402
 from captioner.inference import DEFAULT_CHECKPOINT, Captioner  # noqa: E402
 
 PHOTOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k" / "Flicker8k_Dataset"
