@@ -121,6 +121,9 @@ def ort_session(path: str | Path, threads: int | None = None):
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Idle onnxruntime threads otherwise spin for the next call, taking the cores from beam search (torch's
+    # threads) and the decode workers that run between encoder calls: caption-dir ran ~1.4x faster without.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
