@@ -66,7 +66,7 @@ def cmd_caption_dir(args):
     exts = args.ext.split(",") if args.ext else DEFAULT_EXTS
     s = caption_dir(cap, args.dir, out, recursive=args.recursive, exts=exts,
                     batch_size=args.batch_size, workers=args.workers, shard_spec=(index, count),
-                    retry_errors=args.retry_errors, wait=args.wait, **_decode_options(args))
+                    retry_errors=args.retry_errors, wait=args.wait, options=cap.options(**_decode_options(args)))
     retried = f" ({s.retried} of them retried error rows)" if s.retried else ""
     print(f"{s.total} images: {s.captioned} captioned, {s.errors} errors{retried}, {s.skipped} already in {out}",
           file=sys.stderr)

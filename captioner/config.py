@@ -73,17 +73,60 @@ class TrainConfig:
 
 @dataclass
 class DecodeConfig:
-    """Decoding defaults stored with the model; every call may override them."""
+    """Decoding settings: the model's defaults (saved with it), and per call a checked copy of them
+    (`replace`), which is what travels from the CLI, evaluation, caption-dir and the service down
+    to the search."""
 
+    method: str = "beam"  # beam | greedy | sample
     beam_size: int = 3
+    n_best: int = 1  # hypotheses per image (beam only), best first
     max_len: int = 20
     length_penalty: str = "none"  # none | avg | wu
     alpha: float = 0.7  # exponent for the Wu et al. penalty
+    temperature: float = 1.0  # sample: softmax temperature
+    top_k: int = 0  # sample: >0 keeps only the k likeliest words
     # fp32 | bf16: the decoder's weights and matrix products in bf16 (gates, state and scores stay
     # fp32). Fast where the CPU has AMX or AVX512-BF16, or on a GPU; slow on CPUs without them.
     precision: str = "fp32"
     # What runs the frozen encoder: auto (onnxruntime on a CPU, torch on a GPU) | onnxruntime | torch.
     engine: str = "auto"
+
+    def replace(self, **options) -> "DecodeConfig":
+        """A copy with `options` set (None keeps a setting), checked: a typo or a bad value fails here,
+        at the top, not inside a search."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = set(options) - known
+        if unknown:
+            raise TypeError(f"unknown decoding option(s) {sorted(unknown)}; known: {sorted(known)}")
+        new = dataclasses.replace(self, **{k: v for k, v in options.items() if v is not None})
+        new.check()
+        return new
+
+    def check(self) -> None:
+        def whole(name, low):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"decoding option {name} must be an integer >= {low}, got {value!r}")
+
+        if self.method not in DECODE_METHODS:
+            raise ValueError(f"unknown decoding method {self.method!r}; choose from {', '.join(DECODE_METHODS)}")
+        if self.length_penalty not in LENGTH_PENALTIES:
+            raise ValueError(f"unknown length penalty {self.length_penalty!r}; "
+                             f"choose from {', '.join(LENGTH_PENALTIES)}")
+        whole("beam_size", 1)
+        whole("max_len", 1)
+        whole("n_best", 1)
+        whole("top_k", 0)
+        if self.method == "beam" and self.n_best > self.beam_size:
+            raise ValueError(f"n_best ({self.n_best}) must not exceed beam_size ({self.beam_size})")
+        if self.method != "beam" and self.n_best != 1:
+            raise ValueError(f"n_best > 1 needs method='beam' (got method={self.method!r})")
+        if not self.temperature > 0:
+            raise ValueError("temperature must be > 0 (use method='greedy' for temperature 0)")
+
+
+DECODE_METHODS = ("beam", "greedy", "sample")
+LENGTH_PENALTIES = ("none", "avg", "wu")
 
 
 @dataclass

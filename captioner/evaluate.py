@@ -108,13 +108,12 @@ def training_captions(data, fmt: str, split: str | None) -> list[str] | None:
 
 # -- the three sources of captions ------------------------------------------------------
 def caption_split(captioner, examples: list[Example], batch_size: int = 32, workers: int = 0,
-                  progress: bool = True, **decode_options) -> Captions:
-    """Caption every image that exists and has references, batch by batch, through `captioner`."""
-    from torch.utils.data import DataLoader
+                  progress: bool = True, options=None) -> Captions:
+    """Caption every image that exists and has references through `captioner` (options: its
+    `Captioner.options(...)`, None for the model's own), on caption-dir's pipeline."""
     from tqdm import tqdm
 
-    # caption-dir's loader: workers preprocess the files; an unreadable one becomes an error item.
-    from .folder import collate_files, FileDataset
+    from .folder import caption_files
 
     out = Captions()
     usable: list[Example] = []
@@ -125,21 +124,17 @@ def caption_split(captioner, examples: list[Example], batch_size: int = 32, work
             out.skip(MISSING_FILE, ex.image_id)
         else:
             usable.append(ex)
-    files = FileDataset(Path("."), [str(ex.path) for ex in usable], captioner.preprocess)
-    loader = DataLoader(files, batch_size=batch_size, num_workers=workers, collate_fn=collate_files)
+    batches = caption_files(captioner, Path("."), [str(ex.path) for ex in usable], options, batch_size=batch_size,
+                            workers=workers)
     done = 0
-    for batch in tqdm(loader, desc="captioning", unit="batch", disable=not progress, file=sys.stderr):
-        readable = []
-        for ex, item in zip(usable[done:done + len(batch.items)], batch.items):
-            if item.error is None:
-                readable.append(ex)
-            else:
+    for batch in tqdm(batches, desc="captioning", unit="batch", disable=not progress, file=sys.stderr,
+                      total=-(-len(usable) // batch_size)):
+        for ex, (_, results, error) in zip(usable[done:], batch):
+            if error:
                 out.skip(UNREADABLE, ex.image_id)
-        done += len(batch.items)
-        if readable:
-            hyps = captioner.decode(captioner.encode(batch.pixels), **decode_options)
-            for ex, h in zip(readable, hyps):
-                out.add(ex.image_id, captioner.format(h)["caption"], ex.captions)
+            else:
+                out.add(ex.image_id, results[0]["caption"], ex.captions)
+        done += len(batch)
     return out
 
 
@@ -216,14 +211,11 @@ def evaluate(data, split=None, images=None, *, checkpoint=None, device="auto", p
         from .inference import Captioner
 
         captioner = Captioner.load(checkpoint, device=device, precision=precision, engine=engine)
-        d = captioner.config.decode
+        options = captioner.options(**decode_options)
         report["checkpoint"] = str(checkpoint) if checkpoint else "default model"
-        report["decode"] = {"method": decode_options.get("method", "beam"),
-                            "beam_size": decode_options.get("beam_size") or d.beam_size,
-                            "max_len": decode_options.get("max_len") or d.max_len,
-                            "length_penalty": decode_options.get("length_penalty") or d.length_penalty,
-                            "precision": d.precision}
-        captions = caption_split(captioner, examples, batch_size, workers, progress, **decode_options)
+        report["decode"] = {k: getattr(options, k) for k in ("method", "beam_size", "max_len", "length_penalty",
+                                                             "alpha", "precision", "engine")}
+        captions = caption_split(captioner, examples, batch_size, workers, progress, options)
 
     skipped = {reason: len(ids) for reason, ids in captions.skipped.items()}
     if not captions.ids:

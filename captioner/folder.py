@@ -24,6 +24,7 @@ import os
 import socket
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -31,6 +32,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from .config import DecodeConfig
 from .images import ImageError
 from .inference import Captioner
 
@@ -334,13 +336,14 @@ class Summary(NamedTuple):
 
 def caption_dir(captioner: Captioner, root: str | Path, out: str | Path, *, recursive: bool = False,
                 exts=DEFAULT_EXTS, batch_size: int = 32, workers: int = 2, shard_spec: tuple[int, int] = (0, 1),
-                retry_errors: bool = False, wait: bool = False, progress: bool = True, **decode_options) -> Summary:
+                retry_errors: bool = False, wait: bool = False, progress: bool = True,
+                options: DecodeConfig | None = None) -> Summary:
     """Caption every image file under `root` into `out` (.jsonl or .csv), resuming what is there.
 
     Rows: {"image": relative path, "caption", "score"} or {"image", "error"}.
     retry_errors: images whose row is an error are tried again; the new row replaces it.
     wait: when another run is writing `out`, wait for it to end instead of raising OutputLocked.
-    decode_options go to `Captioner.decode` (beam_size, max_len, length_penalty ...).
+    options: decoding settings (`Captioner.options(...)`; None: the model's own).
     """
     root = Path(root)
     output = OutputFile(out)
@@ -353,28 +356,39 @@ def caption_dir(captioner: Captioner, root: str | Path, out: str | Path, *, recu
         summary = dict(total=len(files), skipped=len(files) - len(todo), captioned=0, errors=0, retried=len(retry))
         if todo:
             _caption_files(captioner, root, sorted(todo), output, summary, batch_size=batch_size, workers=workers,
-                           progress=progress, decode_options=decode_options)
+                           progress=progress, options=options)
         output.compact()
     return Summary(**summary)
 
 
 def _caption_files(captioner: Captioner, root: Path, names: list[str], output: OutputFile, summary: dict, *,
-                   batch_size: int, workers: int, progress: bool, decode_options: dict) -> None:
-    loader = DataLoader(FileDataset(root, names, captioner.preprocess), batch_size=batch_size, num_workers=workers,
-                        collate_fn=collate_files, pin_memory=captioner.device.type == "cuda",
-                        worker_init_fn=_background_worker)
+                   batch_size: int, workers: int, progress: bool, options: DecodeConfig | None) -> None:
     with tqdm(total=summary["total"], initial=summary["skipped"], unit="img", desc="caption-dir",
               disable=not progress, dynamic_ncols=True) as bar:
-        for batch in loader:
-            captions = iter([])
-            if batch.pixels is not None:
-                hyps = captioner.decode(captioner.encode(batch.pixels), **decode_options)
-                captions = iter([captioner.format(h) for h in hyps])
-            rows = [{"image": it.name, "error": it.error} if it.error else {"image": it.name, **next(captions)}
-                    for it in batch.items]
+        for batch in caption_files(captioner, root, names, options, batch_size=batch_size, workers=workers):
+            rows = [{"image": name, "error": error} if error else {"image": name, **results[0]}
+                    for name, results, error in batch]
             output.append(rows)
-            n_err = sum(it.error is not None for it in batch.items)
+            n_err = sum(error is not None for _, _, error in batch)
             summary["errors"] += n_err
             summary["captioned"] += len(rows) - n_err
             bar.update(len(rows))
             bar.set_postfix(errors=summary["errors"])
+
+
+def caption_files(captioner: Captioner, root: Path, names: list[str], options: DecodeConfig | None = None, *,
+                  batch_size: int = 32, workers: int = 2) -> Iterator[list[tuple[str, list[dict] | None, str | None]]]:
+    """Per batch, each file's (name, formatted hypotheses or None, error or None), in order.
+
+    DataLoader workers open and preprocess the files (an unreadable one becomes an error,
+    never an exception) while this process encodes and decodes the readable ones.
+    caption-dir and evaluate both caption through here.
+    """
+    loader = DataLoader(FileDataset(root, names, captioner.preprocess), batch_size=batch_size, num_workers=workers,
+                        collate_fn=collate_files, pin_memory=captioner.device.type == "cuda",
+                        worker_init_fn=_background_worker)
+    for batch in loader:
+        found = iter([])
+        if batch.pixels is not None:
+            found = iter([captioner.format(h) for h in captioner.decode(captioner.encode(batch.pixels), options)])
+        yield [(it.name, None, it.error) if it.error else (it.name, next(found), None) for it in batch.items]

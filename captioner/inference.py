@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
-from .config import Config
+from .config import Config, DecodeConfig
 from .decoder import Decoder, Ensemble, build_decoder
 from .encoders import Encoder, build_encoder
 from .engine import ENGINES, encoder_runner
@@ -108,43 +108,47 @@ class Captioner:
             self._run_encoder = encoder_runner(self.encoder, self.engine, self.device)
         return self._run_encoder(pixels)
 
-    def decode(self, feats: torch.Tensor, *, beam_size: int | None = None, max_len: int | None = None,
-               n_best: int = 1, length_penalty: str | None = None, alpha: float | None = None,
-               method: str = "beam", temperature: float = 1.0, top_k: int = 0,
+    def options(self, **overrides) -> DecodeConfig:
+        """The model's decoding settings with per-call overrides (None keeps a setting), checked now.
+
+        Options: method (beam | greedy | sample), beam_size, n_best, max_len, length_penalty,
+        alpha, temperature, top_k. Precision and engine are chosen when loading."""
+        at_load = sorted(k for k in ("precision", "engine") if overrides.get(k) is not None)
+        if at_load:
+            raise TypeError(f"{', '.join(at_load)}: chosen when loading, Captioner.load(..., {at_load[0]}=...)")
+        return self.config.decode.replace(**overrides)
+
+    def decode(self, feats: torch.Tensor, options: DecodeConfig | None = None,
                generator: torch.Generator | None = None) -> list[list[Hypothesis]]:
-        """Feature vectors (B, D) -> per image, its n_best hypotheses. Decoding defaults come from the config."""
-        d = self.config.decode
+        """Feature vectors (B, D) -> per image, its n_best hypotheses (options: from `options()`;
+        None: the model's own settings). generator seeds sampling."""
+        o = options or self.config.decode
         feats = feats.to(self.device, torch.float32)
-        common = dict(start=self.vocab.start, end=self.vocab.end, max_len=max_len or d.max_len,
-                      banned=self.vocab.banned)
-        if method == "beam":
-            return beam_search(self.decoder, feats, beam_size=beam_size or d.beam_size, n_best=n_best,
-                               length_penalty=length_penalty or d.length_penalty,
-                               alpha=d.alpha if alpha is None else alpha, **common)
-        if n_best != 1:
-            raise ValueError(f"n_best > 1 needs method='beam' (got method={method!r})")
-        if method == "greedy":
+        common = dict(start=self.vocab.start, end=self.vocab.end, max_len=o.max_len, banned=self.vocab.banned)
+        if o.method == "beam":
+            return beam_search(self.decoder, feats, beam_size=o.beam_size, n_best=o.n_best,
+                               length_penalty=o.length_penalty, alpha=o.alpha, **common)
+        if o.method == "greedy":
             return greedy(self.decoder, feats, **common)
-        if method == "sample":
-            return sample(self.decoder, feats, temperature=temperature, top_k=top_k, generator=generator, **common)
-        raise ValueError(f"unknown decoding method {method!r}; choose beam, greedy or sample")
+        return sample(self.decoder, feats, temperature=o.temperature, top_k=o.top_k, generator=generator, **common)
 
-    def format(self, hyps: list[Hypothesis], n_best: int = 1):
-        out = [{"caption": self.vocab.decode(h.tokens), "score": round(h.score, 4)} for h in hyps]
-        return out[0] if n_best == 1 else out
+    def format(self, hyps: list[Hypothesis]) -> list[dict]:
+        """One image's hypotheses -> [{"caption", "score"}, ...], best first."""
+        return [{"caption": self.vocab.decode(h.tokens), "score": round(h.score, 4)} for h in hyps]
 
-    def caption(self, images, *, n_best: int = 1, batch_size: int = 32, **decode_options):
+    def caption(self, images, *, batch_size: int = 32, generator: torch.Generator | None = None, **options):
         """Caption one image or a list of them (paths, bytes or PIL images).
 
-        Returns {"caption", "score"} per image, or a list of n_best of those when
-        n_best > 1; a single input gives a single result. Options: beam_size,
-        max_len, length_penalty, alpha, method (beam|greedy|sample), temperature, top_k.
+        Returns {"caption", "score"} per image, or with n_best > 1 a list of that many, best
+        first; a single input gives a single result. Options: see `options()`.
         """
+        o = self.options(**options)
         single = not isinstance(images, (list, tuple))
         images = [images] if single else list(images)
         results = []
         for i in range(0, len(images), batch_size):
             pixels = torch.stack([self.preprocess(im) for im in images[i:i + batch_size]])
-            hyps = self.decode(self.encode(pixels), n_best=n_best, **decode_options)
-            results += [self.format(h, n_best) for h in hyps]
+            results += [self.format(h) for h in self.decode(self.encode(pixels), o, generator)]
+        if o.n_best == 1:
+            results = [r[0] for r in results]
         return results[0] if single else results

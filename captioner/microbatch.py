@@ -15,10 +15,11 @@ from __future__ import annotations
 import queue
 import threading
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 
 import torch
 
+from .config import DecodeConfig
 from .inference import Captioner
 from .limits import Limits, Overloaded
 
@@ -26,7 +27,7 @@ from .limits import Limits, Overloaded
 @dataclass
 class _Job:
     pixels: list[torch.Tensor]
-    options: tuple  # sorted (name, value) pairs: jobs with equal options share a batch
+    options: DecodeConfig  # jobs with equal options share a batch
     future: Future = field(default_factory=Future)
 
 
@@ -48,14 +49,12 @@ class Batcher:
     def alive(self) -> bool:
         return self._worker.is_alive()
 
-    def submit(self, pixels: list[torch.Tensor], **decode_options) -> Future:
-        """Queue preprocessed images; the future resolves to one formatted result per image.
+    def submit(self, pixels: list[torch.Tensor], options: DecodeConfig | None = None) -> Future:
+        """Queue preprocessed images; the future resolves to each image's formatted hypotheses
+        (`Captioner.format`). options: from `Captioner.options(...)`, checked by the caller.
 
-        Raises Overloaded when the queue is full, TypeError for an option that cannot
-        group requests (unhashable), RuntimeError once closed."""
-        options = tuple(sorted(decode_options.items()))
-        hash(options)  # the worker groups by options: an unhashable one fails here, in its caller
-        job = _Job(list(pixels), options)
+        Raises Overloaded when the queue is full, RuntimeError once closed."""
+        job = _Job(list(pixels), options or self.captioner.config.decode)
         with self._lock:
             if self._closed:
                 raise RuntimeError("the batcher is closed")
@@ -88,21 +87,20 @@ class Batcher:
             groups: dict[tuple, list[_Job]] = {}
             for job in jobs:
                 if job.future.set_running_or_notify_cancel():  # False: cancelled while queued, skip it
-                    groups.setdefault(job.options, []).append(job)
-            for options, group in groups.items():
-                self._run_group(group, dict(options))
+                    groups.setdefault(astuple(job.options), []).append(job)
+            for group in groups.values():
+                self._run_group(group, group[0].options)
             if pending[-1] is None:  # close() was called: everything before it is answered
                 return
 
-    def _run_group(self, jobs: list[_Job], options: dict):
+    def _run_group(self, jobs: list[_Job], options: DecodeConfig):
         cap = self.captioner
-        n_best = options.get("n_best", 1)
         try:
             pixels = [p for j in jobs for p in j.pixels]
             results = []
             for i in range(0, len(pixels), self.max_batch):
                 batch = torch.stack(pixels[i:i + self.max_batch])
-                results += [cap.format(h, n_best) for h in cap.decode(cap.encode(batch), **options)]
+                results += [cap.format(h) for h in cap.decode(cap.encode(batch), options)]
         except Exception as e:  # an invalid option, a malformed tensor...: fail only the job at fault
             if len(jobs) > 1:
                 for j in jobs:  # alone, each job succeeds or fails on its own account

@@ -13,9 +13,9 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from .config import LENGTH_PENALTIES
 from .decoder import Decoder, Ensemble, reorder_state
 
-PENALTIES = ("none", "avg", "wu")
 
 
 class Hypothesis(NamedTuple):
@@ -31,7 +31,7 @@ def penalty(lengths: torch.Tensor, kind: str = "none", alpha: float = 0.7) -> to
         return lengths
     if kind == "wu":
         return ((5 + lengths) / 6) ** alpha
-    raise ValueError(f"unknown length penalty {kind!r}; choose from {PENALTIES}")
+    raise ValueError(f"unknown length penalty {kind!r}; choose from {LENGTH_PENALTIES}")
 
 
 def _ban(logp: torch.Tensor, banned: tuple[int, ...]) -> torch.Tensor:

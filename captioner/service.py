@@ -115,8 +115,11 @@ def create_app(captioner: Captioner, limits: Limits = Limits(), ui: bool = True)
             return captioner.preprocess(image)
 
     def caption(images: list, **decode_options) -> list:
-        """The UI's door to the model: the same limits and queue as the API, safe from any thread."""
-        return batcher.submit([preprocess(im) for im in images], **decode_options).result()
+        """The UI's door to the model: the same limits and queue as the API, safe from any thread.
+        Returns what `Captioner.caption` returns for a list."""
+        options = captioner.options(**decode_options)
+        results = batcher.submit([preprocess(im) for im in images], options).result()
+        return results if options.n_best > 1 else [r[0] for r in results]
 
     @asynccontextmanager
     async def lifespan(app):
@@ -157,9 +160,10 @@ def create_app(captioner: Captioner, limits: Limits = Limits(), ui: bool = True)
                        max_len: int | None = Form(None, ge=1, le=MAX_LEN, description="longest caption in words")):
         if len(images) > limits.max_files:
             raise HTTPException(413, f"too many files: {len(images)}, the limit is {limits.max_files}")
-        beam_size = beam_size or captioner.config.decode.beam_size
-        if n_best > beam_size:
-            raise HTTPException(422, f"n_best ({n_best}) must not exceed beam_size ({beam_size})")
+        try:
+            options = captioner.options(beam_size=beam_size, n_best=n_best, max_len=max_len)
+        except ValueError as e:  # n_best over the beam
+            raise HTTPException(422, str(e)) from None
         names = [f.filename or f"images[{i}]" for i, f in enumerate(images)]
         for f, name in zip(images, names):
             if not f.size:
@@ -181,17 +185,12 @@ def create_app(captioner: Captioner, limits: Limits = Limits(), ui: bool = True)
 
         pixels = await run_in_threadpool(preprocess_all)
         try:
-            future = batcher.submit(pixels, beam_size=beam_size, n_best=n_best, max_len=max_len)
+            future = batcher.submit(pixels, options)
         except Overloaded as e:
             raise _busy(str(e)) from None
         results = await asyncio.wrap_future(future)
-        out = []
-        for name, r in zip(names, results):
-            if n_best > 1:
-                out.append({"filename": name, **r[0], "captions": r})
-            else:
-                out.append({"filename": name, **r})
-        return {"results": out}
+        return {"results": [{"filename": name, **r[0], **({"captions": r} if n_best > 1 else {})}
+                            for name, r in zip(names, results)]}
 
     if ui:  # gradio is imported only here: the API alone never loads it
         import gradio as gr

@@ -253,7 +253,7 @@ def test_a_finished_caption_is_not_lost_to_live_beams_that_finish_worse():
 
     cap = Captioner.load(device="cpu")
     feats = cap.encode(cap.preprocess(ROOT / "demo" / "examples" / "grace_hopper.jpg")[None])
-    found = cap.decode(feats, beam_size=6, length_penalty="none")[0][0]
+    found = cap.decode(feats, cap.options(beam_size=6, length_penalty="none"))[0][0]
 
     def log_prob(caption: str) -> float:  # teacher forcing
         ids = torch.tensor([cap.vocab.encode(caption)])
@@ -276,6 +276,22 @@ def test_sampling_is_reproducible_with_a_generator_and_varies_with_temperature(c
     assert len(hot) > 4  # a hot temperature explores
     with pytest.raises(ValueError):
         run(0, 0.0)
+
+
+def test_decoding_options_are_checked_at_the_top(captioner):
+    d = captioner.config.decode
+    o = captioner.options(beam_size=5, n_best=2, max_len=None)  # None keeps the model's setting
+    assert (o.beam_size, o.n_best, o.max_len, o.alpha) == (5, 2, d.max_len, d.alpha)
+    assert captioner.config.decode == d and d.beam_size != 5  # the model's own settings are untouched
+    for bad, message in [(dict(beam_sise=4), "unknown decoding option"), (dict(method="telepathy"), "telepathy"),
+                         (dict(n_best=4, beam_size=3), "n_best"), (dict(method="greedy", n_best=2), "n_best"),
+                         (dict(beam_size=0), "beam_size"), (dict(beam_size="3"), "beam_size"),
+                         (dict(temperature=0.0), "temperature"), (dict(length_penalty="bogus"), "length penalty"),
+                         (dict(engine="torch"), "chosen when loading")]:
+        with pytest.raises((TypeError, ValueError), match=message):
+            captioner.options(**bad)
+    with pytest.raises(TypeError, match="unknown decoding option"):
+        captioner.caption(Image.new("RGB", (32, 32)), beam_sise=4)  # a typo fails before any image is read
 
 
 def test_unknown_length_penalty_is_rejected():

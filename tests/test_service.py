@@ -145,11 +145,12 @@ def test_batcher_fails_only_the_request_with_a_bad_option(captioner, photos):
     batcher = Batcher(captioner)
     try:
         pixels = [captioner.preprocess(photos[0])]
-        bad = batcher.submit(pixels, method="telepathy")
-        good = batcher.submit(pixels, beam_size=2)
-        with pytest.raises(ValueError, match="telepathy"):
-            bad.result(timeout=60)
-        assert good.result(timeout=60) == [captioner.caption(photos[0], beam_size=2)]
+        with pytest.raises(ValueError, match="telepathy"):  # checked at the top, before it can reach the worker
+            captioner.options(method="telepathy")
+        with pytest.raises(TypeError, match="beam_width"):
+            captioner.options(beam_width=2)
+        good = batcher.submit(pixels, captioner.options(beam_size=2))
+        assert good.result(timeout=60) == [[captioner.caption(photos[0], beam_size=2)]]
     finally:
         batcher.close()
     with pytest.raises(RuntimeError, match="closed"):
@@ -163,20 +164,19 @@ def test_batcher_worker_survives_cancelled_and_failing_requests(captioner, photo
     batcher = Batcher(captioner)
     try:
         pixels = [captioner.preprocess(p) for p in photos[:8]]
-        running = batcher.submit(pixels, beam_size=3)  # keeps the worker busy while the rest queue up
-        cancelled = [batcher.submit(pixels[:2], beam_size=2) for _ in range(3)]
+        beam2 = captioner.options(beam_size=2)
+        running = batcher.submit(pixels, captioner.options(beam_size=3))  # keeps the worker busy meanwhile
+        cancelled = [batcher.submit(pixels[:2], beam2) for _ in range(3)]
         assert all(f.cancel() for f in cancelled)
-        with pytest.raises(TypeError):  # an option the worker cannot group by
-            batcher.submit(pixels[:1], beam_size=[2]).result(timeout=60)
-        wrong_shape = batcher.submit([torch.zeros(1, 224, 224)], beam_size=2)  # queued with `good`, one batch
-        good = batcher.submit(pixels[:2], beam_size=2)
+        wrong_shape = batcher.submit([torch.zeros(1, 224, 224)], beam2)  # queued with `good`, one batch
+        good = batcher.submit(pixels[:2], beam2)
         with pytest.raises(RuntimeError):
             wrong_shape.result(timeout=60)
-        expected = [captioner.caption(p, beam_size=2) for p in photos[:2]]
+        expected = [[captioner.caption(p, beam_size=2)] for p in photos[:2]]
         assert good.result(timeout=60) == expected
         assert len(running.result(timeout=60)) == 8
         assert batcher.alive
-        assert batcher.submit(pixels[:2], beam_size=2).result(timeout=60) == expected
+        assert batcher.submit(pixels[:2], beam2).result(timeout=60) == expected
     finally:
         batcher.close()
     assert not batcher.alive
@@ -192,7 +192,7 @@ def test_batcher_queue_is_bounded(captioner, photos):
         futures, refused = [], 0
         for _ in range(6):  # 18 images submitted at once: the queue holds at most 4 beyond the first
             try:
-                futures.append(batcher.submit(pixels, beam_size=1))
+                futures.append(batcher.submit(pixels, captioner.options(beam_size=1)))
             except Overloaded:
                 refused += 1
         assert refused and futures

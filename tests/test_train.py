@@ -106,7 +106,7 @@ def test_attention_model_trains_on_cached_regions_and_captions_images(tiny_data,
     assert all(r["caption"] for r in out)
     cached = extract(cap.encoder, dev[:2], tmp_path / "fp32", "dev", num_workers=0, dtype="float32")
     dev_feats = torch.from_numpy(np.array(cached))
-    assert [cap.format(h)["caption"] for h in cap.decode(dev_feats)] == [r["caption"] for r in out]
+    assert [cap.format(h)[0]["caption"] for h in cap.decode(dev_feats)] == [r["caption"] for r in out]
 
 
 def test_ddp_two_processes_keep_identical_parameters(tiny_run, tmp_path):
