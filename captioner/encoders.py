@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torchvision import transforms as T
 
+from .images import load_image
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -38,6 +40,11 @@ class Encoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)
+
+    def preprocess(self, image) -> torch.Tensor:
+        """Any path / bytes / PIL image -> this encoder's input tensor (raises images.ImageError).
+        JPEGs decode at reduced scale, never below 256 px: fast, and the transform shrinks them anyway."""
+        return self.transform(load_image(image, draft_size=256))
 
 
 def _transform(resize: int, crop: int, mean, std) -> T.Compose:

@@ -14,25 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .data import Example
+from .data import Example, ImageFiles
 from .encoders import Encoder
 from .engine import encoder_runner
 from .files import write_atomic
-from .images import load_image
-
-
-class ImageFiles(Dataset):
-    def __init__(self, examples: list[Example], transform):
-        self.examples, self.transform = examples, transform
-
-    def __len__(self):
-        return len(self.examples)
-
-    def __getitem__(self, i):
-        return self.transform(load_image(self.examples[i].path, draft_size=256))
 
 
 def _paths(cache: Path, split: str) -> tuple[Path, Path]:
@@ -66,7 +54,7 @@ def extract(encoder: Encoder, examples: list[Example], cache: str | Path, split:
         arr = np.load(arr_path, mmap_mode="r+")
     start = meta["done"]
     if start < len(ids):
-        loader = DataLoader(ImageFiles(examples[start:], encoder.transform), batch_size=batch_size,
+        loader = DataLoader(ImageFiles([ex.path for ex in examples[start:]], encoder.preprocess), batch_size=batch_size,
                             num_workers=num_workers)
         run = encoder_runner(encoder, engine, torch.device(device))
         with tqdm(total=len(ids), initial=start, desc=f"features {split}", unit="img") as bar:

@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .config import DecodeConfig
-from .images import ImageError
+from .data import FileItem, ImageFiles
 from .inference import Captioner
 
 DEFAULT_EXTS = ("jpg", "jpeg", "png", "gif", "bmp", "webp", "tif", "tiff")
@@ -284,31 +284,6 @@ def _fsync_dir(folder: Path) -> None:
         os.close(dir_fd)
 
 
-class FileItem(NamedTuple):
-    name: str
-    pixels: torch.Tensor | None
-    error: str | None
-
-
-class FileDataset(Dataset):
-    """Runs in the DataLoader workers: open + preprocess one file, or describe why it failed."""
-
-    def __init__(self, root: Path, names: list[str], preprocess):
-        self.root, self.names, self.preprocess = root, names, preprocess
-
-    def __len__(self):
-        return len(self.names)
-
-    def __getitem__(self, i) -> FileItem:
-        name = self.names[i]
-        try:
-            return FileItem(name, self.preprocess(self.root / name), None)
-        except ImageError as e:
-            return FileItem(name, None, str(e))
-        except Exception as e:  # a decoder bug on one odd file must not end the whole run
-            return FileItem(name, None, f"cannot read image: {type(e).__name__}: {e}")
-
-
 def _background_worker(_worker_id: int) -> None:
     # The encoder's threads are the bottleneck and wait on each other at every parallel
     # region: a decode worker that preempts one of them stalls them all. At low priority
@@ -384,7 +359,8 @@ def caption_files(captioner: Captioner, root: Path, names: list[str], options: D
     never an exception) while this process encodes and decodes the readable ones.
     caption-dir and evaluate both caption through here.
     """
-    loader = DataLoader(FileDataset(root, names, captioner.preprocess), batch_size=batch_size, num_workers=workers,
+    files = ImageFiles([root / n for n in names], captioner.preprocess, keep_errors=True, names=names)
+    loader = DataLoader(files, batch_size=batch_size, num_workers=workers,
                         collate_fn=collate_files, pin_memory=captioner.device.type == "cuda",
                         worker_init_fn=_background_worker)
     for batch in loader:

@@ -21,7 +21,6 @@ from .decoder import Decoder, Ensemble, build_decoder
 from .encoders import Encoder, build_encoder
 from .engine import ENGINES, encoder_runner
 from .hardware import check_bf16
-from .images import load_image
 from .search import Hypothesis, beam_search, greedy, sample
 from .vocab import Vocab
 
@@ -100,7 +99,7 @@ class Captioner:
     # -- the three stages, public so batch captioning can pipeline them ----------------
     def preprocess(self, image) -> torch.Tensor:
         """Any path / bytes / PIL image -> the encoder's input tensor (raises images.ImageError)."""
-        return self.encoder.transform(load_image(image, draft_size=256))
+        return self.encoder.preprocess(image)
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels (B, 3, H, W) -> features (B, width), run by this Captioner's engine."""

@@ -29,10 +29,10 @@ from tqdm import tqdm
 
 from . import checkpoint
 from .config import Config, TrainConfig
-from .data import CaptionDataset, LengthBatches, collate, load_split
+from .data import CaptionDataset, ImageFiles, LengthBatches, collate, load_split
 from .decoder import Decoder, build_decoder, caption_loss
 from .encoders import build_encoder
-from .features import ImageFiles, extract, open_features
+from .features import extract, open_features
 from .hardware import check_bf16
 from .inference import Captioner, resolve_device
 from .metrics import bleu
@@ -194,7 +194,7 @@ def train(cfg: Config, resume: bool = False) -> Trainable:
     finetune = cfg.model.finetune_encoder
     encoder = build_encoder(cfg.model.encoder, cfg.model.pretrained, trainable=finetune, regions=cfg.model.attention)
     if finetune:
-        train_src, dev_src = ImageFiles(train_ex, encoder.transform), ImageFiles(dev_ex, encoder.transform)
+        train_src, dev_src = (ImageFiles([ex.path for ex in exs], encoder.preprocess) for exs in (train_ex, dev_ex))
     else:
         train_src = open_features(cfg.data.feature_cache, cfg.data.train_split, train_ex, encoder.name)
         dev_src = open_features(cfg.data.feature_cache, cfg.data.dev_split, dev_all, encoder.name)[: len(dev_ex)]
@@ -289,7 +289,7 @@ def train(cfg: Config, resume: bool = False) -> Trainable:
             captioner = Captioner(encoder, decoder, vocab, cfg, device, engine="torch")  # weights change every epoch
             if finetune:
                 with torch.inference_mode():
-                    dev_images = DataLoader(ImageFiles(dev_ex, encoder.transform), batch_size=64)
+                    dev_images = DataLoader(dev_src, batch_size=64)
                     dev_feats = torch.cat([captioner.encode(x) for x in dev_images]).cpu().numpy()
             else:
                 dev_feats = dev_src
