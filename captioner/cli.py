@@ -129,7 +129,7 @@ def cmd_export(args):
     from .export import ExportError, export
 
     try:
-        out = export(args.checkpoint, args.out)
+        out = export(args.checkpoint, args.out, int8_decoder=args.int8_decoder)
     except ExportError as e:
         print(f"captioner export: cannot export: {e}", file=sys.stderr)
         return 2
@@ -197,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(python -m captioner.runtime)")
     p.add_argument("--checkpoint", "-c", default=None, help="checkpoint file (default: the shipped model)")
     p.add_argument("--out", required=True, help="bundle folder to write (new, empty, or an older bundle)")
+    p.add_argument("--int8-decoder", action="store_true",
+                   help="quantize the decoder step to int8 (smaller, faster; a few captions change, see docs/deploy.md)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="the Gradio demo in the browser")

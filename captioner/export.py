@@ -114,8 +114,19 @@ def _export_decoder(decoder: Decoder, width: int, folder: Path) -> tuple[list[st
     return names, ctx.shape[1]
 
 
-def export_bundle(cap: Captioner, out: str | Path, *, source: str = "") -> Path:
-    """Write `cap`'s model as a bundle into the folder `out` (created; an older bundle there is replaced)."""
+def quantize_step(path: Path) -> None:
+    """The step graph's weights as int8, activations quantized per call (onnxruntime's dynamic quantization)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    tmp = path.with_suffix(".int8.tmp")
+    quantize_dynamic(path, tmp, weight_type=QuantType.QInt8)
+    os.replace(tmp, path)
+
+
+def export_bundle(cap: Captioner, out: str | Path, *, source: str = "", int8_decoder: bool = False) -> Path:
+    """Write `cap`'s model as a bundle into the folder `out` (created; an older bundle there is replaced).
+
+    int8_decoder: quantize the step graph (smaller and faster, and a few captions change: docs/deploy.md)."""
     check_exportable(cap.decoder)
     out = Path(out)
     if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
@@ -128,6 +139,8 @@ def export_bundle(cap: Captioner, out: str | Path, *, source: str = "") -> Path:
     try:
         shutil.copyfile(engine.encoder_onnx(encoder), work / FILES["encoder"])
         state, context_size = _export_decoder(decoder, encoder.width, work)
+        if int8_decoder:
+            quantize_step(work / FILES["decoder_step"])
         config = cap.config
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
@@ -140,7 +153,7 @@ def export_bundle(cap: Captioner, out: str | Path, *, source: str = "") -> Path:
                        "length_penalty": config.decode.length_penalty, "alpha": config.decode.alpha,
                        "banned": [cap.vocab.pad, cap.vocab.start, cap.vocab.unk],
                        "start": cap.vocab.start, "end": cap.vocab.end},
-            "decoder": {"state": state, "state_shape": [decoder.num_layers, "rows", decoder.rnn.hidden_size],
+            "decoder": {"state": state, "int8_step": int8_decoder, "state_shape": [decoder.num_layers, "rows", decoder.rnn.hidden_size],
                         "context_size": context_size,
                         "feature_size": encoder.width, "vocab_size": decoder.vocab_size},
             "model": dataclasses.asdict(config.model),
@@ -164,7 +177,7 @@ def export_bundle(cap: Captioner, out: str | Path, *, source: str = "") -> Path:
     return out
 
 
-def export(checkpoint_path: str | Path | None, out: str | Path) -> Path:
+def export(checkpoint_path: str | Path | None, out: str | Path, *, int8_decoder: bool = False) -> Path:
     """Load a checkpoint (None: the shipped model) and write its bundle."""
     cap = Captioner.load(checkpoint_path, device="cpu", engine="torch")
-    return export_bundle(cap, out, source=str(checkpoint_path or "shipped model"))
+    return export_bundle(cap, out, source=str(checkpoint_path or "shipped model"), int8_decoder=int8_decoder)
