@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # Captioner imports torch: loaded on first use, so the torch-free runtime (captioner.runtime) can import the package.
+    # Captioner imports torch: loaded on first use, so the torch-free captioner.runtime can import the package.
     if name == "Captioner":
         from .inference import Captioner
 

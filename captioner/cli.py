@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", "-c", default=None, help="checkpoint file (default: the shipped model)")
     p.add_argument("--out", required=True, help="bundle folder to write (new, empty, or an older bundle)")
     p.add_argument("--int8-decoder", action="store_true",
-                   help="quantize the decoder step to int8 (smaller, faster; a few captions change, see docs/deploy.md)")
+                   help="quantize the decoder step to int8 (smaller, faster; some captions change: docs/deploy.md)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="the Gradio demo in the browser")

@@ -96,7 +96,7 @@ def check_exportable(decoder) -> None:
 
 
 def _export_decoder(decoder: Decoder, width: int, folder: Path) -> tuple[list[str], int]:
-    """Write the init and step graphs; returns the state's names (h, c for an LSTM; h otherwise) and the context size."""
+    """Write the init and step graphs; returns the state's names (h, c for an LSTM; h otherwise), the context size."""
     names = ["h", "c"] if decoder.cell == "lstm" else ["h"]
     rows = torch.export.Dim("rows")
     feats = torch.randn(3, width)
@@ -132,8 +132,9 @@ def export_bundle(cap: Captioner, out: str | Path, *, source: str = "", int8_dec
     if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
         raise ExportError(f"{out} exists and is not a bundle: choose a new or empty folder")
     prep = preprocessing(cap.encoder.transform)
-    # fp32 copies: a bf16 decode.precision is a torch speed setting, the graphs compute in fp32.
-    encoder, decoder = cap.encoder.cpu().eval(), copy.deepcopy(cap.decoder).float().cpu().eval()
+    # CPU fp32 copies (the caller's Captioner stays as it is): a bf16 decode.precision is a torch
+    # speed setting, the graphs compute in fp32.
+    encoder, decoder = (copy.deepcopy(m).float().cpu().eval() for m in (cap.encoder, cap.decoder))
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     try:
@@ -153,7 +154,8 @@ def export_bundle(cap: Captioner, out: str | Path, *, source: str = "", int8_dec
                        "length_penalty": config.decode.length_penalty, "alpha": config.decode.alpha,
                        "banned": [cap.vocab.pad, cap.vocab.start, cap.vocab.unk],
                        "start": cap.vocab.start, "end": cap.vocab.end},
-            "decoder": {"state": state, "int8_step": int8_decoder, "state_shape": [decoder.num_layers, "rows", decoder.rnn.hidden_size],
+            "decoder": {"state": state, "state_shape": [decoder.num_layers, "rows", decoder.rnn.hidden_size],
+                        "int8_step": int8_decoder,
                         "context_size": context_size,
                         "feature_size": encoder.width, "vocab_size": decoder.vocab_size},
             "model": dataclasses.asdict(config.model),

@@ -47,12 +47,15 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def ort_session(path: str | Path, threads: int | None = None) -> ort.InferenceSession:
-    """An onnxruntime CPU session; threads=None lets onnxruntime choose (one per physical core)."""
+def ort_session(path: str | Path, threads: int | None = None, spin: bool = True) -> ort.InferenceSession:
+    """An onnxruntime CPU session; threads=None lets onnxruntime choose (one per physical core).
+    spin=False: its threads sleep between runs instead of busy-waiting for the next one."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or 0
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -99,7 +102,7 @@ def _strip(seq: list[int], end: int) -> list[int]:
 
 
 def _top(values: np.ndarray, n: int) -> np.ndarray:
-    """Indices of the n largest values, largest first (ties: the lower index first, as torch's CPU topk)."""
+    """Indices of the n largest values, largest first (ties: the lower index first)."""
     n = min(n, values.size)
     part = np.argpartition(-values, n - 1)[:n] if n < values.size else np.arange(values.size)
     return part[np.lexsort((part, -values[part]))]
@@ -111,9 +114,13 @@ class Runtime:
         self.manifest = read_manifest(folder)
         self.vocab = Vocab.from_dict(self.manifest["vocab"])
         self.prep, self.defaults = self.manifest["preprocess"], self.manifest["decode"]
-        self.banned = [self.vocab.pad, self.vocab.start, self.vocab.unk]
+        self.banned = self.defaults["banned"]  # <pad>, <start>, <unk>: never in a caption
         files = self.manifest["files"]
-        self.encoder, self.init, self.step = (ort_session(folder / files[g]["path"], threads) for g in GRAPHS)
+        # The decoder's products are small (k rows): one thread each, no pool to wake. The encoder's
+        # threads must not busy-wait between images on the cores the decoder then needs
+        # (docs/deploy.md: 3x the single-image latency with spinning, on a loaded 2-core machine).
+        self.encoder = ort_session(folder / files["encoder"]["path"], threads, spin=False)
+        self.init, self.step = (ort_session(folder / files[g]["path"], 1) for g in GRAPHS[1:])
         self.state_names = self.manifest["decoder"]["state"]  # ["h", "c"] for an LSTM, ["h"] for a GRU/RNN
         self._mean = np.asarray(self.prep["mean"], np.float32)[:, None, None]
         self._std = np.asarray(self.prep["std"], np.float32)[:, None, None]

@@ -60,7 +60,7 @@ def test_import_captioner_does_not_import_torch():
 @requires_flickr8k()
 def test_runtime_without_torch_captions_as_the_captioner(shipped, bundle):
     photos = dev_photos(6) + DEMO[:2]
-    runner = "import runpy; sys.argv[0] = 'captioner.runtime'; runpy.run_module('captioner.runtime', run_name='__main__')"
+    runner = "import runpy; runpy.run_module('captioner.runtime', run_name='__main__')"
     r = run_without_torch(runner, str(bundle), *photos, "--json")
     assert r.returncode == 0, r.stderr
     got = [json.loads(line) for line in r.stdout.splitlines()]
@@ -127,6 +127,19 @@ def test_other_recurrent_decoders_export_exactly(shipped, tmp_path, cell, inject
         assert [[r["caption"] for r in g] for g in got] == [[r["caption"] for r in w] for w in want]
         assert np.allclose([[r["score"] for r in g] for g in got], [[r["score"] for r in w] for w in want],
                            atol=1e-3)
+
+
+def test_the_int8_step_is_smaller_and_still_decodes(shipped, tmp_path):
+    torch.manual_seed(0)
+    cap = Captioner(shipped.encoder, Decoder(ModelConfig(embed_dim=32, hidden_dim=48), len(shipped.vocab),
+                                             shipped.encoder.width), shipped.vocab, shipped.config, device="cpu")
+    fp32, int8 = (export_bundle(cap, tmp_path / name, int8_decoder=name == "int8") for name in ("fp32", "int8"))
+    assert json.loads((int8 / "bundle.json").read_text())["decoder"]["int8_step"] is True
+    assert (int8 / "decoder_step.onnx").stat().st_size < 0.5 * (fp32 / "decoder_step.onnx").stat().st_size
+    feats = torch.randn(2, shipped.encoder.width).abs().numpy()
+    want, got = Runtime(fp32).decode(feats, beam_size=3), Runtime(int8).decode(feats, beam_size=3)
+    assert len(got) == 2 and all(len(h) == 1 and h[0][1] < 0 for h in got)
+    assert np.allclose([h[0][1] for h in got], [h[0][1] for h in want], atol=0.5)
 
 
 def test_export_refuses_what_it_cannot_represent(shipped, tmp_path, capsys):
