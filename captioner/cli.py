@@ -35,23 +35,30 @@ def _server_args(p, port: int):
     p.add_argument("--max-pixels", type=int, help="width x height limit of one image (default 40 million)")
 
 
-def cmd_caption(args):
+def print_captions(caption, paths: list[str], *, n_best: int, as_json: bool, **options) -> int:
+    """`image<TAB>caption` lines (or JSON lines) from `caption` (Captioner.caption or Runtime.caption);
+    an image that cannot be read is reported and skipped. Returns the exit status: 1 if any failed."""
     from .images import ImageError
+
+    failed = 0
+    for path in paths:
+        try:
+            result = caption(path, n_best=n_best, **options)
+        except ImageError as e:
+            failed += 1
+            print(json.dumps({"image": path, "error": str(e)}) if as_json else f"{path}\terror: {e}",
+                  file=sys.stdout if as_json else sys.stderr)
+            continue
+        for r in result if isinstance(result, list) else [result]:
+            print(json.dumps({"image": path, **r}) if as_json else f"{path}\t{r['caption']}")
+    return 1 if failed else 0
+
+
+def cmd_caption(args):
     from .inference import Captioner
 
     cap = Captioner.load(args.checkpoint, device=args.device, precision=args.precision, engine=args.engine)
-    failed = 0
-    for path in args.images:
-        try:
-            result = cap.caption(path, n_best=args.n_best, **_decode_options(args))
-        except ImageError as e:
-            failed += 1
-            print(json.dumps({"image": path, "error": str(e)}) if args.json else f"{path}\terror: {e}",
-                  file=sys.stdout if args.json else sys.stderr)
-            continue
-        for r in result if isinstance(result, list) else [result]:
-            print(json.dumps({"image": path, **r}) if args.json else f"{path}\t{r['caption']}")
-    return 1 if failed else 0
+    return print_captions(cap.caption, args.images, n_best=args.n_best, as_json=args.json, **_decode_options(args))
 
 
 def cmd_caption_dir(args):
@@ -126,6 +133,19 @@ def cmd_serve(args):
     return 0
 
 
+def cmd_export(args):
+    from .export import ExportError, export
+
+    try:
+        out = export(args.checkpoint, args.out, int8_decoder=args.int8_decoder)
+    except ExportError as e:
+        print(f"captioner export: cannot export: {e}", file=sys.stderr)
+        return 2
+    print(f"bundle written to {out}; caption without torch: python -m captioner.runtime {out} IMAGE ...",
+          file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="captioner", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -187,6 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from out_dir/last.pt")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="write a bundle (ONNX graphs + bundle.json) that captions without torch "
+                       "(python -m captioner.runtime)")
+    p.add_argument("--checkpoint", "-c", default=None, help="checkpoint file (default: the shipped model)")
+    p.add_argument("--out", required=True, help="bundle folder to write (new, empty, or an older bundle)")
+    p.add_argument("--int8-decoder", action="store_true",
+                   help="quantize the decoder step to int8 (smaller, faster; some captions change: docs/deploy.md)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="the Gradio demo in the browser")
     _checkpoint_arg(p)

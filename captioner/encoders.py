@@ -20,6 +20,8 @@ from torchvision import transforms as T
 from .images import load_image
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# JPEGs decode at reduced scale, never below this: much faster, and the transform shrinks them anyway.
+DRAFT_SIZE = 256
 
 
 class WeightsUnavailable(RuntimeError):
@@ -42,9 +44,8 @@ class Encoder(nn.Module):
         return self.backbone(images)
 
     def preprocess(self, image) -> torch.Tensor:
-        """Any path / bytes / PIL image -> this encoder's input tensor (raises images.ImageError).
-        JPEGs decode at reduced scale, never below 256 px: fast, and the transform shrinks them anyway."""
-        return self.transform(load_image(image, draft_size=256))
+        """Any path / bytes / PIL image -> this encoder's input tensor (raises images.ImageError)."""
+        return self.transform(load_image(image, draft_size=DRAFT_SIZE))
 
 
 def _transform(resize: int, crop: int, mean, std) -> T.Compose:

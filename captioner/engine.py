@@ -113,18 +113,13 @@ def encoder_onnx(encoder: Encoder, folder: str | Path | None = None) -> Path:
 def ort_session(path: str | Path, threads: int | None = None):
     """An onnxruntime CPU session. threads=None: torch's intra-op thread count, so both engines use the same cores."""
     try:
-        import onnxruntime as ort
+        from .runtime import ort_session as session
     except ImportError as e:
         raise EngineError("the onnxruntime engine needs the 'onnxruntime' package: pip install onnxruntime "
                           "(or use --engine torch)") from e
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Idle onnxruntime threads otherwise spin for the next call, taking the cores from beam search (torch's
     # threads) and the decode workers that run between encoder calls: caption-dir ran ~1.4x faster without.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session(path, threads or torch.get_num_threads(), spin=False)
 
 
 def encoder_runner(encoder: Encoder, engine: str = "auto", device: torch.device = torch.device("cpu"),

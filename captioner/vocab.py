@@ -7,20 +7,24 @@ training captions and for BLEU, so scores and training see the same words.
 """
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Iterable
-
-from nltk.tokenize import TreebankWordTokenizer
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)  # PAD is index 0
 TOKENIZER = "nltk.TreebankWordTokenizer, lowercase, punctuation dropped"
 
-_treebank = TreebankWordTokenizer()
+@functools.cache
+def _treebank():
+    # nltk loads on first use: decoding ids to words (the torch-free runtime) needs no tokenizer.
+    from nltk.tokenize import TreebankWordTokenizer
+
+    return TreebankWordTokenizer()
 
 
 def tokenize(text: str) -> list[str]:
-    return [t for t in _treebank.tokenize(text.lower()) if any(c.isalnum() for c in t)]
+    return [t for t in _treebank().tokenize(text.lower()) if any(c.isalnum() for c in t)]
 
 
 class Vocab:
