@@ -204,6 +204,7 @@ def finetune(data: str | Path, out: str | Path, *, fmt: str = "auto", images: st
                                    seed=s.seed, device=s.device, log_every=1))
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     extract_all(cfg, num_workers=s.workers)
+    val_ex = load_split(cfg.data, "val")  # as training reads it: ids are the paths in OUT/val.jsonl
     before = Captioner.from_payload(base, device=s.device)
     val_feats = open_features(cfg.data.feature_cache, "val", val_ex, before.encoder.name)
     report.before = scores(before, val_feats, val_ex)
