@@ -8,15 +8,14 @@ state dict, or a list of them for an ensemble (`decoder.Ensemble`).
 """
 from __future__ import annotations
 
-import os
 import pickle
 import zipfile
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .config import Config
+from .files import atomic_path
 
 FORMAT = "captioner-checkpoint/1"
 
@@ -41,21 +40,8 @@ def save(path: str | Path, *, config: dict, vocab: dict, decoder: dict | list[di
         payload["encoder"] = maybe_half(encoder)
     if train_state is not None:
         payload["train_state"] = train_state
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint should read like any file written
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def ensemble(payloads: list[dict], names: list[str]) -> dict:

@@ -11,6 +11,12 @@ def _checkpoint_arg(p):
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                    help="decoder precision (default: the model's); bf16 is faster on AMX/AVX512-BF16 CPUs and GPUs")
+    _engine_arg(p)
+
+
+def _engine_arg(p):
+    p.add_argument("--engine", choices=["auto", "onnxruntime", "torch"], default=None,
+                   help="what runs the encoder (default: the model's, auto = onnxruntime on a CPU, torch on a GPU)")
 
 
 def _decode_args(p):
@@ -26,13 +32,14 @@ def _decode_options(args) -> dict:
 def _server_args(p, port: int):
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 for every one)")
     p.add_argument("--port", type=int, default=port)
+    p.add_argument("--max-pixels", type=int, help="width x height limit of one image (default 40 million)")
 
 
 def cmd_caption(args):
     from .images import ImageError
     from .inference import Captioner
 
-    cap = Captioner.load(args.checkpoint, device=args.device, precision=args.precision)
+    cap = Captioner.load(args.checkpoint, device=args.device, precision=args.precision, engine=args.engine)
     failed = 0
     for path in args.images:
         try:
@@ -48,15 +55,20 @@ def cmd_caption(args):
 
 
 def cmd_caption_dir(args):
-    from .batch import DEFAULT_EXTS, caption_dir, parse_shard
+    from .folder import DEFAULT_EXTS, caption_dir, resolve_shard
     from .inference import Captioner
 
-    shard_spec = parse_shard(args.shard)  # before loading the model: a typo fails fast
-    cap = Captioner.load(args.checkpoint, device=args.device, precision=args.precision)
+    index, count, source = resolve_shard(args.shard)  # before loading the model: a typo fails fast
+    if count > 1:
+        print(f"caption-dir: shard {index}/{count} (from {source})", file=sys.stderr)
+    out = args.out.replace("{shard}", f"{index}-of-{count}")
+    cap = Captioner.load(args.checkpoint, device=args.device, precision=args.precision, engine=args.engine)
     exts = args.ext.split(",") if args.ext else DEFAULT_EXTS
-    s = caption_dir(cap, args.dir, args.out, recursive=args.recursive, exts=exts,
-                    batch_size=args.batch_size, workers=args.workers, shard_spec=shard_spec, **_decode_options(args))
-    print(f"{s.total} images: {s.captioned} captioned, {s.errors} errors, {s.skipped} already in {args.out}",
+    s = caption_dir(cap, args.dir, out, recursive=args.recursive, exts=exts,
+                    batch_size=args.batch_size, workers=args.workers, shard_spec=(index, count),
+                    retry_errors=args.retry_errors, wait=args.wait, **_decode_options(args))
+    retried = f" ({s.retried} of them retried error rows)" if s.retried else ""
+    print(f"{s.total} images: {s.captioned} captioned, {s.errors} errors{retried}, {s.skipped} already in {out}",
           file=sys.stderr)
     return 0
 
@@ -65,7 +77,7 @@ def cmd_evaluate(args):
     from .evaluate import evaluate, format_report
 
     report = evaluate(args.data, args.split, args.images, checkpoint=args.checkpoint, device=args.device,
-                      precision=args.precision,
+                      precision=args.precision, engine=args.engine,
                       results=args.results, human=args.human, coco=False if args.no_coco else None,
                       out=args.out, batch_size=args.batch_size, workers=args.workers, progress=not args.json,
                       **_decode_options(args))
@@ -77,7 +89,10 @@ def cmd_extract_features(args):
     from .config import load_config
     from .train import extract_all
 
-    extract_all(load_config(args.config, args.overrides), batch_size=args.batch_size, num_workers=args.workers)
+    cfg = load_config(args.config, args.overrides)
+    if args.engine:
+        cfg.decode.engine = args.engine
+    extract_all(cfg, batch_size=args.batch_size, num_workers=args.workers)
     return 0
 
 
@@ -105,8 +120,9 @@ def cmd_demo(args):
     from .inference import Captioner
     from .ui import build_ui
 
-    cap = Captioner.load(args.checkpoint, device=args.device, precision=args.precision)
-    build_ui(cap).launch(server_name=args.host, server_port=args.port)
+    cap = Captioner.load(args.checkpoint, device=args.device, precision=args.precision, engine=args.engine)
+    limit = {"max_pixels": args.max_pixels} if args.max_pixels else {}
+    build_ui(cap, **limit).launch(server_name=args.host, server_port=args.port)
     return 0
 
 
@@ -114,9 +130,10 @@ def cmd_serve(args):
     from .inference import Captioner
     from .service import Limits, serve
 
-    given = dict(max_files=args.max_files, max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels)
+    given = dict(max_files=args.max_files, max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
+                 pixels_in_flight=args.pixels_in_flight)
     limits = Limits(**{k: v for k, v in given.items() if v is not None})  # unset: the service's defaults
-    cap = Captioner.load(args.checkpoint, device=args.device, precision=args.precision)
+    cap = Captioner.load(args.checkpoint, device=args.device, precision=args.precision, engine=args.engine)
     serve(cap, host=args.host, port=args.port, limits=limits)
     return 0
 
@@ -135,12 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("caption-dir", help="caption every image in a folder into a .jsonl or .csv (resumable)")
     p.add_argument("dir", help="folder of images")
-    p.add_argument("--out", required=True, help="results file, .jsonl or .csv; rerunning with it resumes")
+    p.add_argument("--out", required=True, help="results file, .jsonl or .csv; rerunning with it resumes. "
+                   "{shard} in it becomes i-of-n, so the shards of one torchrun command write apart")
     p.add_argument("--recursive", action="store_true", help="include subfolders")
     p.add_argument("--ext", default=None, help="comma-separated extensions (default: jpg,jpeg,png,gif,bmp,webp,tif,tiff)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2, help="image-decoding processes (0 = in the main process)")
-    p.add_argument("--shard", default="0/1", help="i/n: caption only every n-th file from the i-th (0 <= i < n)")
+    p.add_argument("--shard", default=None,
+                   help="i/n (0 <= i < n): caption only shard i of n; a file's shard is a hash of its relative path. "
+                        "Default: from torchrun's RANK/WORLD_SIZE or a Slurm array's "
+                        "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT, else 0/1")
+    p.add_argument("--retry-errors", action="store_true", help="caption again the images whose row is an error")
+    p.add_argument("--wait", action="store_true",
+                   help="if another run is writing --out, wait for it to end (default: refuse at once)")
     _checkpoint_arg(p)
     _decode_args(p)
     p.set_defaults(func=cmd_caption_dir)
@@ -166,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
+    _engine_arg(p)
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.set_defaults(func=cmd_extract_features)
 
@@ -211,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     _server_args(p, port=8000)
     p.add_argument("--max-files", type=int, help="images per request (default 16)")
     p.add_argument("--max-upload-mb", type=float, help="request body limit (default 20)")
-    p.add_argument("--max-pixels", type=int, help="width x height limit of one image (default 40 million)")
+    p.add_argument("--pixels-in-flight", type=int,
+                   help="pixels decoded at once, the memory budget (default twice --max-pixels)")
     p.set_defaults(func=cmd_serve)
     return parser
 

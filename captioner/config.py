@@ -46,8 +46,7 @@ class DataConfig:
 class TrainConfig:
     out_dir: str = "runs/default"
     objective: str = "xe"  # xe: teacher-forced cross-entropy | scst: self-critical training (see captioner.scst)
-    # bleu4 (sentence BLEU-4) | corpus_bleu4 (each caption's share of the batch's corpus BLEU-4)
-    # | cider (CIDEr-D, idf from the training captions)
+    # bleu4 (sentence BLEU-4) | cider (CIDEr-D, idf from the training captions)
     scst_reward: str = "bleu4"
     init_from: str | None = None  # checkpoint whose weights and vocabulary start the run (scst fine-tuning)
     scst_samples: int = 5  # captions sampled per image for scst; batch_size then counts images
@@ -86,6 +85,8 @@ class DecodeConfig:
     # fp32 | bf16: the decoder's weights and matrix products in bf16 (gates, state and scores stay
     # fp32). Fast where the CPU has AMX or AVX512-BF16, or on a GPU; slow on CPUs without them.
     precision: str = "fp32"
+    # What runs the frozen encoder: auto (onnxruntime on a CPU, torch on a GPU) | onnxruntime | torch.
+    engine: str = "auto"
 
 
 @dataclass

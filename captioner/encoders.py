@@ -25,9 +25,11 @@ class WeightsUnavailable(RuntimeError):
 
 
 class Encoder(nn.Module):
-    def __init__(self, name: str, backbone: nn.Module, dim: int, transform: Callable, regions: int = 1):
+    def __init__(self, name: str, backbone: nn.Module, dim: int, input_size: int, transform: Callable,
+                 regions: int = 1):
         super().__init__()
-        self.name, self.backbone, self.dim, self.transform, self.regions = name, backbone, dim, transform, regions
+        self.name, self.backbone, self.dim, self.regions = name, backbone, dim, regions
+        self.input_size, self.transform = input_size, transform  # transform ends in input_size² tensors
 
     @property
     def width(self) -> int:
@@ -65,7 +67,7 @@ def vgg16(pretrained: bool = True, regions: bool = False) -> Encoder:
     net = tv_vgg16(weights=weights)
     # classifier = [fc6, relu, dropout, fc7, relu, dropout, fc8]; keep up to fc7's ReLU.
     backbone = nn.Sequential(net.features, net.avgpool, nn.Flatten(1), *list(net.classifier.children())[:5])
-    return Encoder("vgg16", backbone, 4096, _transform(256, 224, IMAGENET_MEAN, IMAGENET_STD))
+    return Encoder("vgg16", backbone, 4096, 224, _transform(256, 224, IMAGENET_MEAN, IMAGENET_STD))
 
 
 class _LiteFeatures(nn.Module):
@@ -103,7 +105,7 @@ def efficientnet_lite(variant: int, pretrained: bool = True, regions: bool = Fal
     size = LITE_VARIANTS[variant]
     # Lite models were trained on inputs scaled to [-1, 1] ((x - 127) / 128), not ImageNet stats.
     name = f"efficientnet_lite{variant}" + ("_regions" if regions else "")
-    return Encoder(name, _LiteFeatures(net, regions), 1280, _transform(size, size, (0.5,) * 3, (0.5,) * 3),
+    return Encoder(name, _LiteFeatures(net, regions), 1280, size, _transform(size, size, (0.5,) * 3, (0.5,) * 3),
                    regions=math.ceil(size / 32) ** 2 if regions else 1)
 
 

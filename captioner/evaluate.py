@@ -23,7 +23,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 from . import metrics
 from .config import DataConfig
 from .data import ONE_SPLIT_FORMATS, Example, detect_format, load_split
+from .files import write_atomic
 from .vocab import tokenize
 
 MISSING_FILE = "missing file"
@@ -76,6 +76,17 @@ def load_examples(data: str | Path, split: str | None = None, images: str | Path
     return fmt, load_split(cfg, split)
 
 
+def training_captions(data, fmt: str, split: str | None) -> list[str] | None:
+    """The training split's captions of the same dataset; None for a COCO file (it holds one split) or
+    a dataset without a train split."""
+    if fmt == "coco" or split == "train":
+        return None
+    try:
+        return [c for ex in load_examples(data, "train", need_images=False)[1] for c in ex.captions]
+    except FileNotFoundError:
+        return None
+
+
 # -- the three sources of captions ------------------------------------------------------
 def caption_split(captioner, examples: list[Example], batch_size: int = 32, workers: int = 0,
                   progress: bool = True, **decode_options) -> Captions:
@@ -84,7 +95,7 @@ def caption_split(captioner, examples: list[Example], batch_size: int = 32, work
     from tqdm import tqdm
 
     # caption-dir's loader: workers preprocess the files; an unreadable one becomes an error item.
-    from .batch import collate_files, FileDataset
+    from .folder import collate_files, FileDataset
 
     out = Captions()
     usable: list[Example] = []
@@ -162,7 +173,8 @@ def leave_one_out(examples: list[Example]) -> Captions:
 
 
 # -- scoring and the report -------------------------------------------------------------
-def evaluate(data, split=None, images=None, *, checkpoint=None, device="auto", precision=None, results=None,
+def evaluate(data, split=None, images=None, *, checkpoint=None, device="auto", precision=None, engine=None,
+             results=None,
              human=False, coco: bool | None = None, out=None, batch_size: int = 32, workers: int = 0, progress: bool = True,
              **decode_options) -> dict:
     """Score one split and return the report (see `format_report`); writes files into `out` if given.
@@ -184,7 +196,7 @@ def evaluate(data, split=None, images=None, *, checkpoint=None, device="auto", p
     else:
         from .inference import Captioner
 
-        captioner = Captioner.load(checkpoint, device=device, precision=precision)
+        captioner = Captioner.load(checkpoint, device=device, precision=precision, engine=engine)
         d = captioner.config.decode
         report["checkpoint"] = str(checkpoint) if checkpoint else "default model"
         report["decode"] = {"method": decode_options.get("method", "beam"),
@@ -205,6 +217,7 @@ def evaluate(data, split=None, images=None, *, checkpoint=None, device="auto", p
     report["empty_hypotheses"] = sum(not tokenize(h) for h in captions.hypotheses)
     report |= metrics.bleu(captions.hypotheses, captions.references)
     report["bleu_method"] = metrics.BLEU_METHOD
+    report |= metrics.diversity(captions.hypotheses, training_captions(data, fmt, split))
 
     if coco is None:
         coco = metrics.java_available()
@@ -242,11 +255,7 @@ def write_outputs(out: str | Path, captions: Captions, report: dict, with_result
 
 
 def _write(path: Path, text: str) -> str:
-    # Write then rename: an interrupted run never leaves half a file over a previous one.
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return str(path)
+    return str(write_atomic(path, text))  # an interrupted run never leaves half a file over a previous one
 
 
 LABELS = {"bleu1": "BLEU-1", "bleu2": "BLEU-2", "bleu3": "BLEU-3", "bleu4": "BLEU-4", "coco_bleu1": "BLEU-1",
@@ -272,6 +281,10 @@ def format_report(r: dict) -> str:
     if r["empty_hypotheses"]:
         lines.append(f"  {r['empty_hypotheses']} empty hypotheses (kept: they match nothing)")
     lines += ["", f"BLEU ({r['bleu_method']}):", "  " + _row(r, ["bleu1", "bleu2", "bleu3", "bleu4"])]
+    verbatim = (f", {r['verbatim_train_pct']:.1f}% verbatim in the training captions"
+                if "verbatim_train_pct" in r else "")
+    lines.append(f"diversity: {r['vocab_used']} words used, {r['distinct_pct']:.1f}% distinct captions{verbatim}, "
+                 f"mean length {r['mean_length']:.1f} words")
     if "coco_method" in r:
         lines += [f"coco-caption ({r['coco_method']}):", "  " + _row(r, metrics.COCO_KEYS), f"  {r['spice']}"]
     elif "coco_caption" in r:

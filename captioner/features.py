@@ -10,7 +10,6 @@ killed run resumes where it stopped and never trusts a half-written row.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,8 @@ from tqdm import tqdm
 
 from .data import Example
 from .encoders import Encoder
+from .engine import encoder_runner
+from .files import write_atomic
 from .images import load_image
 
 
@@ -39,9 +40,7 @@ def _paths(cache: Path, split: str) -> tuple[Path, Path]:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj))
 
 
 class StaleCache(RuntimeError):
@@ -49,7 +48,8 @@ class StaleCache(RuntimeError):
 
 
 def extract(encoder: Encoder, examples: list[Example], cache: str | Path, split: str, *, batch_size: int = 64,
-            num_workers: int = 2, dtype: str = "float16", device="cpu") -> np.ndarray:
+            num_workers: int = 2, dtype: str = "float16", device="cpu", engine: str = "auto") -> np.ndarray:
+    """Cache `encoder`'s features of `examples`, run by `engine` (see captioner.engine)."""
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
     arr_path, meta_path = _paths(cache, split)
@@ -68,10 +68,10 @@ def extract(encoder: Encoder, examples: list[Example], cache: str | Path, split:
     if start < len(ids):
         loader = DataLoader(ImageFiles(examples[start:], encoder.transform), batch_size=batch_size,
                             num_workers=num_workers)
-        encoder = encoder.eval().to(device)
-        with torch.inference_mode(), tqdm(total=len(ids), initial=start, desc=f"features {split}", unit="img") as bar:
+        run = encoder_runner(encoder, engine, torch.device(device))
+        with tqdm(total=len(ids), initial=start, desc=f"features {split}", unit="img") as bar:
             for pixels in loader:
-                feats = encoder(pixels.to(device)).float().cpu().numpy()
+                feats = run(pixels).float().cpu().numpy()
                 arr[start:start + len(feats)] = feats
                 arr.flush()
                 start += len(feats)

@@ -19,6 +19,8 @@ from . import checkpoint
 from .config import Config
 from .decoder import Decoder, Ensemble, build_decoder
 from .encoders import Encoder, build_encoder
+from .engine import ENGINES, encoder_runner
+from .hardware import check_bf16
 from .images import load_image
 from .search import Hypothesis, beam_search, greedy, sample
 from .vocab import Vocab
@@ -46,31 +48,40 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 class Captioner:
-    def __init__(self, encoder: Encoder, decoder: Decoder | Ensemble, vocab: Vocab, config: Config, device="auto"):
+    def __init__(self, encoder: Encoder, decoder: Decoder | Ensemble, vocab: Vocab, config: Config, device="auto",
+                 engine: str | None = None):
+        """engine (auto | onnxruntime | torch) runs the frozen encoder; None: the config's decode.engine."""
         self.device = resolve_device(device)
         self.encoder = encoder.eval().to(self.device)
+        self.engine = engine or config.decode.engine
+        if self.engine not in ENGINES:
+            raise ValueError(f"unknown engine {self.engine!r}; choose from {', '.join(ENGINES)}")
+        self._run_encoder = None  # built at the first encode: an ONNX export must not slow down training's Captioners
         precision = config.decode.precision
         if precision not in PRECISIONS:
             raise ValueError(f"unknown decode.precision {precision!r}; choose from {sorted(PRECISIONS)}")
+        check_bf16(precision, self.device, "decode.precision")
         if precision != "fp32":  # a copy: the caller's decoder (a model in training, say) stays as it is
             decoder = copy.deepcopy(decoder).to(PRECISIONS[precision])
         self.decoder = decoder.eval().to(self.device)
         self.vocab, self.config = vocab, config
 
     @classmethod
-    def load(cls, path: str | Path | None = None, device="auto", precision: str | None = None) -> "Captioner":
+    def load(cls, path: str | Path | None = None, device="auto", precision: str | None = None,
+             engine: str | None = None) -> "Captioner":
         """Load a checkpoint; path=None loads the default model shipped with the package.
-        precision (fp32 | bf16) overrides the checkpoint's decode.precision."""
+        precision (fp32 | bf16) and engine (auto | onnxruntime | torch) override the checkpoint's decode settings."""
         if path is None:
             if not DEFAULT_CHECKPOINT.is_file():
                 raise ModelNotFound(f"The default model is not installed ({DEFAULT_CHECKPOINT} is missing).\n"
                                     + TRAIN_HINT.format(default=DEFAULT_CHECKPOINT))
             path = DEFAULT_CHECKPOINT
         payload = checkpoint.load(path)
-        return cls.from_payload(payload, device, precision)
+        return cls.from_payload(payload, device, precision, engine)
 
     @classmethod
-    def from_payload(cls, payload: dict, device="auto", precision: str | None = None) -> "Captioner":
+    def from_payload(cls, payload: dict, device="auto", precision: str | None = None,
+                     engine: str | None = None) -> "Captioner":
         config = Config.from_dict(payload["config"])
         if precision is not None:
             config.decode.precision = precision
@@ -84,16 +95,18 @@ class Captioner:
         for state in payload["decoder"] if isinstance(payload["decoder"], list) else [payload["decoder"]]:
             decoders.append(build_decoder(config.model, len(vocab), encoder.dim))
             decoders[-1].load_state_dict(state)
-        return cls(encoder, decoders[0] if len(decoders) == 1 else Ensemble(decoders), vocab, config, device)
+        return cls(encoder, decoders[0] if len(decoders) == 1 else Ensemble(decoders), vocab, config, device, engine)
 
     # -- the three stages, public so batch captioning can pipeline them ----------------
     def preprocess(self, image) -> torch.Tensor:
         """Any path / bytes / PIL image -> the encoder's input tensor (raises images.ImageError)."""
         return self.encoder.transform(load_image(image, draft_size=256))
 
-    @torch.inference_mode()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.encoder(pixels.to(self.device))
+        """Pixels (B, 3, H, W) -> features (B, width), run by this Captioner's engine."""
+        if self._run_encoder is None:
+            self._run_encoder = encoder_runner(self.encoder, self.engine, self.device)
+        return self._run_encoder(pixels)
 
     def decode(self, feats: torch.Tensor, *, beam_size: int | None = None, max_len: int | None = None,
                n_best: int = 1, length_penalty: str | None = None, alpha: float | None = None,
@@ -103,7 +116,7 @@ class Captioner:
         d = self.config.decode
         feats = feats.to(self.device, torch.float32)
         common = dict(start=self.vocab.start, end=self.vocab.end, max_len=max_len or d.max_len,
-                      banned=(self.vocab.pad, self.vocab.start, self.vocab.unk))
+                      banned=self.vocab.banned)
         if method == "beam":
             return beam_search(self.decoder, feats, beam_size=beam_size or d.beam_size, n_best=n_best,
                                length_penalty=length_penalty or d.length_penalty,

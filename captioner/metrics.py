@@ -105,35 +105,21 @@ class CiderD:
         return 10 * total / self.n / len(self.refs[image])
 
 
-def linear_corpus_bleu4(hypotheses: list[list[str]], references: list[list[list[str]]]) -> tuple[list[float], float]:
-    """Each caption's share of the corpus BLEU-4 of a set of captions, and that BLEU-4 (0-1).
+def diversity(hypotheses: list[str], training_captions: list[str] | None = None) -> dict[str, float]:
+    """How varied the captions are (van Miltenburg et al. 2018, "Measuring the diversity of automatic
+    image descriptions"): words used over the set, % distinct captions, % that appear verbatim among
+    the training captions (when given), and mean length in words. Optimising BLEU alone shortens
+    captions and narrows the vocabulary; these show it where BLEU does not."""
+    from .vocab import tokenize
 
-    The share is the first-order change in log corpus BLEU-4 that the caption makes
-    (linear BLEU, Tromble et al. 2008, with the brevity penalty kept), times the number
-    of captions: with M_n/L_n the set's matched/total n-grams and C/R its hypothesis/
-    closest-reference lengths, caption i earns sum_n (m_ni/M_n - l_ni/L_n)/4, plus
-    R*c_i/C**2 - r_i/C while C < R. Self-critical training's `corpus_bleu4` reward:
-    sentence BLEU rewards a caption by itself, so dropping words that risk a miss pays
-    even when the corpus as a whole grows too short; here length pays once it does.
-    The shares sum to 0 over the set.
-    """
-    from nltk.translate.bleu_score import closest_ref_length, modified_precision
-
-    stats = []  # per caption: [(matched, total) for n = 1..4], its length, its closest reference length
-    for hyp, refs in zip(hypotheses, references):
-        ngrams = [modified_precision(refs, hyp, n) for n in range(1, 5)]  # unreduced Fractions
-        stats.append(([(f.numerator, f.denominator) for f in ngrams], len(hyp), closest_ref_length(refs, len(hyp))))
-    M = [sum(s[0][n][0] for s in stats) for n in range(4)]
-    L = [sum(s[0][n][1] for s in stats) for n in range(4)]
-    C, R = sum(s[1] for s in stats), sum(s[2] for s in stats)
-    shares = []
-    for ngrams, c, r in stats:
-        g = sum(m / max(1, Mn) - t / Ln for (m, t), Mn, Ln in zip(ngrams, M, L)) / 4
-        if 0 < C < R:
-            g += R * c / C ** 2 - r / C
-        shares.append(len(stats) * g)
-    score = min(1.0, math.exp(1 - R / C)) * math.exp(sum(math.log(m / t) for m, t in zip(M, L)) / 4) if min(M) else 0.0
-    return shares, score
+    tokens = [tuple(tokenize(h)) for h in hypotheses]
+    r = {"vocab_used": len({w for t in tokens for w in t}),
+         "distinct_pct": 100 * len(set(tokens)) / max(1, len(tokens)),
+         "mean_length": sum(map(len, tokens)) / max(1, len(tokens))}
+    if training_captions is not None:
+        seen = {tuple(tokenize(c)) for c in training_captions}
+        r["verbatim_train_pct"] = 100 * sum(t in seen for t in tokens) / max(1, len(tokens))
+    return r
 
 
 def java_available() -> bool:

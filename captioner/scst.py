@@ -2,9 +2,8 @@
 
 Teacher forcing never lets the model see its own captions, and cross-entropy is not
 BLEU. Here, for every image the model samples k captions; each earns a reward against
-the image's references (`train.scst_reward`: sentence BLEU-4, `metrics.sentence_bleu4`;
-its share of the batch's corpus BLEU-4, `metrics.linear_corpus_bleu4`; or CIDEr-D,
-`metrics.CiderD`), and the mean reward of the image's other k-1 samples is its
+the image's references (`train.scst_reward`: sentence BLEU-4, `metrics.sentence_bleu4`,
+or CIDEr-D, `metrics.CiderD`), and the mean reward of the image's other k-1 samples is its
 baseline (no greedy pass needed). The loss raises the log-probability of samples
 that beat their baseline and lowers the others'.
 
@@ -19,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .data import image_input
-from .metrics import CiderD, linear_corpus_bleu4, sentence_bleu4
+from .metrics import CiderD, sentence_bleu4
 from .search import sample
 from .vocab import Vocab
 
@@ -54,9 +53,7 @@ def reward_function(kind: str, references: list[list[list[str]]]) -> Reward:
         return _per_caption(lambda words, i: sentence_bleu4(words, references[i]))
     if kind == "cider":
         return _per_caption(CiderD(references).score)
-    if kind == "corpus_bleu4":
-        return lambda captions, images: linear_corpus_bleu4(captions, [references[i] for i in images])
-    raise ValueError(f"unknown scst reward {kind!r}; choose bleu4, corpus_bleu4 or cider")
+    raise ValueError(f"unknown scst reward {kind!r}; choose bleu4 or cider")
 
 
 def self_critical_loss(model, inputs: torch.Tensor, images: list[int], reward: Reward, vocab: Vocab,
@@ -67,7 +64,7 @@ def self_critical_loss(model, inputs: torch.Tensor, images: list[int], reward: R
     `model(inputs, tokens)` gives teacher-forced logits (a train.Trainable, DDP-wrapped or not);
     `images[b]` is input b's index for `reward` and for `references` (token ids, `<start>`..`<end>`).
     With `xe_weight` > 0 the loss adds that much of the cross-entropy of the images' reference
-    captions: a BLEU reward alone lets the captions shorten (see README, Results), the
+    captions: a BLEU reward alone lets the captions shorten (see docs/results.md), the
     references' likelihood holds their length and language.
     """
     if samples < 2:
@@ -77,7 +74,7 @@ def self_critical_loss(model, inputs: torch.Tensor, images: list[int], reward: R
         feats = core.encoder(inputs) if core.encoder is not None else inputs
     per_image, inputs = inputs, inputs.repeat_interleave(samples, 0)
     hyps = sample(core.decoder, feats.repeat_interleave(samples, 0), start=vocab.start, end=vocab.end, max_len=max_len,
-                  banned=(vocab.pad, vocab.start, vocab.unk))
+                  banned=vocab.banned)
     seqs = [h[0].tokens for h in hyps]
     rewards, score = reward([[vocab.itos[t] for t in s] for s in seqs], [images[i // samples] for i in range(len(seqs))])
     r = torch.tensor(rewards, device=inputs.device).view(-1, samples)

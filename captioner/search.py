@@ -1,10 +1,11 @@
 """Decoding: greedy, beam search and sampling, all batched over images.
 
-Beam search keeps B×k rows in one tensor and steps them together. A beam that has
-emitted <end> stays in the beam, frozen (its only continuation is free padding),
-and competes with the live beams for the k places; with k=1 this is exactly greedy.
-The length penalty ranks hypotheses of different lengths: "none" (sum of log-probs),
-"avg" (divided by length) or "wu" (((5+len)/6)**alpha, Wu et al. 2016).
+Beam search keeps B×k live rows in one tensor and steps them together. A caption that
+emits <end> leaves the live beams for the image's pool of k finished captions, so
+it is never pushed out by live prefixes that later finish worse (the standard
+algorithm, as in fairseq); with k=1 this is exactly greedy. The length penalty ranks
+finished captions of different lengths: "none" (sum of log-probs), "avg" (divided by
+length, <end> included) or "wu" (((5+len)/6)**alpha, Wu et al. 2016).
 """
 from __future__ import annotations
 
@@ -90,8 +91,10 @@ def beam_search(decoder, feats, *, start, end, beam_size=3, max_len=20, length_p
                 banned=(0,)):
     """Returns, per image, the n_best hypotheses, best first.
 
-    An image whose k beams have all finished leaves the batch: the images still
-    searching do not pay for it in the later steps.
+    Each image keeps k live prefixes and, apart from them, its k best finished captions.
+    An image leaves the batch once it has k finished captions and none of its live
+    prefixes ranks above the worst of them: the images still searching do not pay for
+    it in the later steps.
     """
     if not 1 <= n_best <= beam_size:
         raise ValueError(f"n_best must be between 1 and beam_size ({beam_size}), got {n_best}")
@@ -102,21 +105,18 @@ def beam_search(decoder, feats, *, start, end, beam_size=3, max_len=20, length_p
     state = reorder_state(decoder.initial_state(v), rows)
     ctx = decoder.step_context(v).index_select(0, rows)
     tokens = torch.full((B * k,), start, dtype=torch.long, device=dev)
-    scores = torch.full((B, k), float("-inf"), device=dev)
+    scores = torch.full((B, k), float("-inf"), device=dev)  # the live prefixes' log-probs, best first
     scores[:, 0] = 0.0  # all beams start identical: keep one, or the top-k would be k copies
-    lengths = torch.zeros(B, k, dtype=torch.long, device=dev)
-    finished = torch.zeros(B, k, dtype=torch.bool, device=dev)
     seqs = torch.zeros(B, k, 0, dtype=torch.long, device=dev)
+    pool = torch.full((B, k), float("-inf"), device=dev)  # finished captions' final scores, best first
+    pool_seqs = torch.zeros(B, k, max_len, dtype=torch.long, device=dev)  # each ends with <end>, then padding
     images = torch.arange(B, device=dev)  # which input image each active row block is
     V = decoder.vocab_size
-    frozen = torch.full((V,), float("-inf"), device=dev)
-    frozen[0] = 0.0  # a finished beam continues only with padding, at no cost
     results: list[list[Hypothesis]] = [[] for _ in range(B)]
 
-    def emit(sel):  # write out the hypotheses of the active images `sel` (a bool mask)
-        final = scores[sel] / penalty(lengths[sel], length_penalty, alpha)
+    def emit(sel, final, final_seqs):  # write out the best hypotheses of the active images `sel` (a bool mask)
         order = final.argsort(dim=1, descending=True, stable=True)[:, :n_best]
-        best = seqs[sel].gather(1, order[..., None].expand(-1, -1, seqs.shape[2])).tolist()
+        best = final_seqs.gather(1, order[..., None].expand(-1, -1, final_seqs.shape[2])).tolist()
         for b, img_seqs, img_scores in zip(images[sel].tolist(), best, final.gather(1, order).tolist()):
             results[b] = [Hypothesis(_strip(s, end), sc) for s, sc in zip(img_seqs, img_scores)
                           if sc != float("-inf")]
@@ -124,28 +124,40 @@ def beam_search(decoder, feats, *, start, end, beam_size=3, max_len=20, length_p
     for t in range(max_len):
         n = images.shape[0]
         logp, state = decoder.step(ctx, tokens, state)
-        logp = _ban(logp, banned).view(n, k, V)
-        logp = torch.where(finished[..., None], frozen, logp)
-        cand = scores[..., None] + logp
-        cand_len = lengths + (~finished).long()
-        rank = cand / penalty(cand_len, length_penalty, alpha)[..., None]
-        idx = rank.view(n, -1).topk(k, dim=1).indices
+        cand = (scores[..., None] + _ban(logp, banned).view(n, k, V)).view(n, -1)
+        # Every candidate of this step has t+1 tokens, so raw log-probs rank them. Each beam has
+        # one <end> candidate, so the best 2k hold the best k that are not <end>.
+        top, idx = cand.topk(min(2 * k, cand.shape[1]), dim=1)
         beam, tok = idx // V, idx % V
-        scores = cand.view(n, -1).gather(1, idx)
-        lengths = cand_len.gather(1, beam)
-        finished = finished.gather(1, beam) | (tok == end)
+        is_end = tok == end
+        # An <end> among the step's k best candidates finishes a caption (as in fairseq and
+        # Hugging Face); it joins the finished ones and never competes with live prefixes again.
+        pen = penalty(torch.tensor(t + 1), length_penalty, alpha)
+        ends = torch.where(is_end[:, :k], top[:, :k], float("-inf")) / pen
+        end_seqs = torch.cat([seqs.gather(1, beam[:, :k, None].expand(-1, -1, t)),
+                              torch.full((n, k, 1), end, dtype=torch.long, device=dev),
+                              torch.zeros(n, k, max_len - t - 1, dtype=torch.long, device=dev)], dim=2)
+        merged, merged_seqs = torch.cat([pool, ends], 1), torch.cat([pool_seqs, end_seqs], 1)
+        order = merged.argsort(dim=1, descending=True, stable=True)[:, :k]  # ties: the earlier caption stays
+        pool = merged.gather(1, order)
+        pool_seqs = merged_seqs.gather(1, order[..., None].expand(-1, -1, max_len))
+        # The live prefixes: the best k candidates that are not <end>, in rank order.
+        live = is_end.to(torch.uint8).argsort(dim=1, stable=True)[:, :k]
+        scores = torch.where(is_end, float("-inf"), top).gather(1, live)
+        beam, tok = beam.gather(1, live), tok.gather(1, live)
         seqs = torch.cat([seqs.gather(1, beam[..., None].expand(-1, -1, t)), tok[..., None]], dim=2)
         state = reorder_state(state, (beam + torch.arange(n, device=dev)[:, None] * k).view(-1))
         tokens = tok.view(-1)
-        done = finished.all(dim=1)
+        done = pool[:, -1] >= scores[:, 0] / pen
         if done.any():
-            emit(done)
+            emit(done, pool[done], pool_seqs[done])
             keep = ~done
             if not keep.any():
                 break
             keep_rows = keep.repeat_interleave(k).nonzero().squeeze(1)
-            images, scores, lengths, finished, seqs = (x[keep] for x in (images, scores, lengths, finished, seqs))
+            images, scores, seqs, pool, pool_seqs = (x[keep] for x in (images, scores, seqs, pool, pool_seqs))
             state, ctx, tokens = reorder_state(state, keep_rows), ctx[keep_rows], tokens[keep_rows]
-    else:
-        emit(torch.ones_like(images, dtype=torch.bool))
+    else:  # max_len reached: the unfinished prefixes are captions too
+        final = torch.cat([pool, scores / penalty(torch.tensor(max_len), length_penalty, alpha)], 1)
+        emit(torch.ones_like(images, dtype=torch.bool), final, torch.cat([pool_seqs, seqs], 1))
     return results

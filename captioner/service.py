@@ -1,8 +1,12 @@
 """The HTTP API: POST /v1/captions, GET /healthz, OpenAPI docs at /docs, the Gradio UI at /.
 
 All requests (API and UI) share one Captioner through a Batcher, so concurrent
-clients are batched and none runs the model at the same time as another. Bad
-input gets a 4xx JSON error {"detail": message} and never takes the server down.
+clients are batched and none runs the model at the same time as another. Images
+are admitted by their pixel count, read from the header, into a fixed budget
+(limits.py): at capacity a request gets 503 with Retry-After instead of growing
+memory. Every error body is JSON {"detail": message}: bad input gets a 4xx and
+never takes the server down; an unexpected error gets a 500 with an error_id that
+is also in the log.
 
     captioner serve --port 8000
     curl -F images=@dog.jpg -F n_best=3 http://127.0.0.1:8000/v1/captions
@@ -10,36 +14,26 @@ input gets a 4xx JSON error {"detail": message} and never takes the server down.
 from __future__ import annotations
 
 import asyncio
-import io
+import logging
+import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
-import torch
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
-from PIL import Image
 from pydantic import BaseModel
 from starlette.datastructures import Headers
 
 from . import __version__
-from .batcher import Batcher
-from .images import ImageError
+from .images import ImageError, ImageTooLarge, open_image
 from .inference import Captioner
-from .ui import MAX_BEAM, MAX_LEN, build_ui
+from .limits import MAX_BEAM, MAX_LEN, Limits, Overloaded, PixelBudget
+from .microbatch import Batcher
 
-
-@dataclass(frozen=True)
-class Limits:
-    max_files: int = 16  # images per request
-    max_upload_mb: float = 20.0  # whole request body, all files and form overhead
-    max_pixels: int = 40_000_000  # width x height of one image, checked before decoding it
-
-    @property
-    def max_body_bytes(self) -> int:
-        return int(self.max_upload_mb * 2**20)
+log = logging.getLogger(__name__)
+RETRY_AFTER_S = 1  # an overload lasts about as long as a few large decodes
 
 
 class Caption(BaseModel):
@@ -102,32 +96,27 @@ class BodyLimit:
             await _error(413, e.detail)(scope, receive, send)
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"detail": message}, status_code=status)
+def _error(code: int, message: str, **extra) -> JSONResponse:
+    return JSONResponse({"detail": message, **extra}, status_code=code)
 
 
-def _check_and_preprocess(captioner: Captioner, data: bytes, name: str, max_pixels: int) -> torch.Tensor:
-    if not data:
-        raise HTTPException(422, f"{name}: empty file (0 bytes)")
-    try:  # the header alone gives the size: refuse huge images before decoding any pixels
-        with Image.open(io.BytesIO(data)) as im:
-            width, height = im.size
-    except Image.DecompressionBombError as e:
-        raise HTTPException(413, f"{name}: image too large: {e}") from None
-    except Exception:
-        pass  # not an image Pillow knows: preprocess below says why
-    else:
-        if width * height > max_pixels:
-            raise HTTPException(413, f"{name}: image is {width}x{height} = {width * height} pixels, "
-                                     f"over the limit of {max_pixels}")
-    try:
-        return captioner.preprocess(data)
-    except ImageError as e:
-        raise HTTPException(415, f"{name}: {e}") from None
+def _busy(message: str) -> HTTPException:
+    return HTTPException(503, message, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 def create_app(captioner: Captioner, limits: Limits = Limits(), ui: bool = True) -> FastAPI:
-    batcher = Batcher(captioner)
+    batcher = Batcher(captioner, max_queued=limits.max_queued)
+    budget = PixelBudget(limits.pixel_budget, limits.max_waiting, limits.max_wait_s)
+
+    def preprocess(src):
+        """One image, from any thread: its size from the header, then a decode within the pixel budget."""
+        image = open_image(src, limits.max_pixels)
+        with budget.admit(image.width * image.height):
+            return captioner.preprocess(image)
+
+    def caption(images: list, **decode_options) -> list:
+        """The UI's door to the model: the same limits and queue as the API, safe from any thread."""
+        return batcher.submit([preprocess(im) for im in images], **decode_options).result()
 
     @asynccontextmanager
     async def lifespan(app):
@@ -138,6 +127,7 @@ def create_app(captioner: Captioner, limits: Limits = Limits(), ui: bool = True)
     app = FastAPIOffline(title="captioner", version=__version__, lifespan=lifespan,
                          description="Image captioning: POST images, get captions. The demo UI is at /.")
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    app.state.batcher, app.state.budget = batcher, budget
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
@@ -145,13 +135,22 @@ def create_app(captioner: Captioner, limits: Limits = Limits(), ui: bool = True)
                              for e in exc.errors())
         return _error(422, problems)
 
-    @app.get("/healthz")
-    def healthz():
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception):
+        error_id = uuid.uuid4().hex[:12]
+        log.error("error %s in %s %s", error_id, request.method, request.url.path, exc_info=exc)
+        return _error(500, f"internal error, id {error_id} in the server log", error_id=error_id)
+
+    @app.get("/healthz", responses={503: {"description": "the captioning worker has stopped"}})
+    async def healthz():
+        if not batcher.alive:
+            return _error(503, "the captioning worker has stopped", status="down")
         return {"status": "ok", "device": str(captioner.device)}
 
     @app.post("/v1/captions", response_model=CaptionsResponse, response_model_exclude_none=True,
               responses={413: {"description": "body, file count or image over the limits"},
-                         415: {"description": "a file is not a readable image"}})
+                         415: {"description": "a file is not a readable image"},
+                         503: {"description": "at capacity: retry after the Retry-After header's seconds"}})
     async def captions(images: list[UploadFile] = File(..., description="one or more images, field repeated"),
                        beam_size: int | None = Form(None, ge=1, le=MAX_BEAM, description="default: the model's"),
                        n_best: int = Form(1, ge=1, le=MAX_BEAM, description="captions per image, <= beam_size"),
@@ -162,11 +161,30 @@ def create_app(captioner: Captioner, limits: Limits = Limits(), ui: bool = True)
         if n_best > beam_size:
             raise HTTPException(422, f"n_best ({n_best}) must not exceed beam_size ({beam_size})")
         names = [f.filename or f"images[{i}]" for i, f in enumerate(images)]
-        datas = [await f.read() for f in images]
-        pixels = await run_in_threadpool(
-            lambda: [_check_and_preprocess(captioner, d, n, limits.max_pixels) for d, n in zip(datas, names)])
-        results = await asyncio.wrap_future(
-            batcher.submit(pixels, beam_size=beam_size, n_best=n_best, max_len=max_len))
+        for f, name in zip(images, names):
+            if not f.size:
+                raise HTTPException(422, f"{name}: empty file (0 bytes)")
+
+        def preprocess_all():  # the uploads stay spooled (on disk when large) until each is admitted
+            pixels = []
+            for f, name in zip(images, names):
+                try:
+                    f.file.seek(0)
+                    pixels.append(preprocess(f.file))
+                except ImageTooLarge as e:
+                    raise HTTPException(413, f"{name}: {e}") from None
+                except ImageError as e:
+                    raise HTTPException(415, f"{name}: {e}") from None
+                except Overloaded as e:
+                    raise _busy(f"{name}: {e}") from None
+            return pixels
+
+        pixels = await run_in_threadpool(preprocess_all)
+        try:
+            future = batcher.submit(pixels, beam_size=beam_size, n_best=n_best, max_len=max_len)
+        except Overloaded as e:
+            raise _busy(str(e)) from None
+        results = await asyncio.wrap_future(future)
         out = []
         for name, r in zip(names, results):
             if n_best > 1:
@@ -175,10 +193,12 @@ def create_app(captioner: Captioner, limits: Limits = Limits(), ui: bool = True)
                 out.append({"filename": name, **r})
         return {"results": out}
 
-    if ui:
+    if ui:  # gradio is imported only here: the API alone never loads it
         import gradio as gr
 
-        gr.mount_gradio_app(app, build_ui(captioner, caption=batcher.caption), path="")
+        from .ui import build_ui
+
+        gr.mount_gradio_app(app, build_ui(captioner, caption=caption), path="")
     return app
 
 

@@ -6,8 +6,10 @@
 Each epoch: masked cross-entropy (or, with `train.objective: scst`, self-critical
 BLEU from a trained checkpoint: captioner.scst) with Adam, gradient clipping and a
 per-step LR schedule; then dev BLEU-4 on decoded captions (beam search, not teacher forcing)
-decides `best.pt` and early stopping. `last.pt` carries optimizer, scheduler, RNG
-and epoch so `--resume` continues exactly where the run stopped.
+decides `best.pt` and early stopping. `last.pt` carries optimizer, scheduler, every rank's
+random generators (CUDA's too) and epoch so `--resume` continues exactly where the run
+stopped. Under DDP each rank seeds its own generators (`rank_seed`), so ranks draw
+different dropout masks.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from .data import CaptionDataset, LengthBatches, collate, load_split, with_repla
 from .decoder import Decoder, build_decoder, caption_loss
 from .encoders import build_encoder
 from .features import ImageFiles, extract, open_features
+from .hardware import check_bf16
 from .inference import Captioner, resolve_device
 from .metrics import bleu
 from .scst import Images, reward_function, self_critical_loss
@@ -38,12 +41,12 @@ from .vocab import Vocab, tokenize
 
 
 def extract_all(cfg: Config, batch_size: int = 64, num_workers: int = 2) -> None:
-    """Cache encoder features of the train and dev splits (resumable)."""
+    """Cache encoder features of the train and dev splits (resumable), run by cfg.decode.engine."""
     encoder = build_encoder(cfg.model.encoder, cfg.model.pretrained, regions=cfg.model.attention)
     device = resolve_device(cfg.train.device)
     for split in (cfg.data.train_split, cfg.data.dev_split):
         extract(encoder, load_split(cfg.data, split), cfg.data.feature_cache, split, batch_size=batch_size,
-                num_workers=num_workers, dtype=cfg.data.feature_dtype, device=device)
+                num_workers=num_workers, dtype=cfg.data.feature_dtype, device=device, engine=cfg.decode.engine)
 
 
 class Trainable(nn.Module):
@@ -76,15 +79,42 @@ def lr_lambda(cfg, total_steps: int):
     return f
 
 
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-            "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
+def rank_seed(seed: int, rank: int) -> int:
+    """Each DDP rank's seed, so that ranks draw different dropout masks (DDP makes their
+    initial weights equal anyway). Rank 0 keeps `seed`: a one-process run draws as before."""
+    return seed if rank == 0 else int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
 
 
-def _set_rng_state(s: dict) -> None:
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # CUDA's generators too
+
+
+def rng_state(device: torch.device) -> dict:
+    """This process's random generators: Python, NumPy, torch's CPU one and, when training on CUDA, the device's."""
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(s: dict, device: torch.device) -> None:
     torch.set_rng_state(s["torch"])
     random.setstate((3, tuple(s["python"]), None))
     np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
+    if device.type == "cuda" and "cuda" in s:
+        torch.cuda.set_rng_state(s["cuda"], device)
+
+
+def _all_rng_states(device: torch.device, distributed: bool) -> list[dict]:
+    """Every rank's generators, rank by rank (a collective: all ranks call it)."""
+    if not distributed:
+        return [rng_state(device)]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, rng_state(device))
+    return states
 
 
 def make_optimizer(params, t: TrainConfig) -> torch.optim.Adam:
@@ -140,12 +170,12 @@ def train(cfg: Config, resume: bool = False) -> Trainable:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)  # where all_gather_object puts its buffers
     rank = dist.get_rank() if distributed else 0
+    world = dist.get_world_size() if distributed else 1
     main = rank == 0
     out = Path(t.out_dir)
-    random.seed(t.seed)
-    np.random.seed(t.seed)
-    torch.manual_seed(t.seed)
+    seed_everything(rank_seed(t.seed, rank))
 
     train_ex = load_split(cfg.data, cfg.data.train_split)
     dev_all = load_split(cfg.data, cfg.data.dev_split)
@@ -155,6 +185,7 @@ def train(cfg: Config, resume: bool = False) -> Trainable:
     scst = t.objective == "scst"
     if t.precision not in ("fp32", "bf16"):
         raise ValueError(f"unknown precision {t.precision!r}; choose fp32 or bf16")
+    check_bf16(t.precision, device, "train.precision")
     if scst and not t.init_from:
         raise ValueError("objective scst fine-tunes a trained model: set train.init_from to its checkpoint")
     state = checkpoint.load(out / "last.pt") if resume else None
@@ -198,7 +229,7 @@ def train(cfg: Config, resume: bool = False) -> Trainable:
     else:
         train_set, train_collate = CaptionDataset(train_ex, vocab, train_src, cfg.data.max_caption_len), collate
         lengths = [len(ids) for _, ids in train_set.pairs]
-    batches = LengthBatches(lengths, t.batch_size, t.seed, rank, dist.get_world_size() if distributed else 1)
+    batches = LengthBatches(lengths, t.batch_size, t.seed, rank, world)
     loader = DataLoader(train_set, batch_sampler=batches, collate_fn=train_collate, num_workers=t.num_workers)
     dev_loader = DataLoader(dev_set, batch_size=512, collate_fn=collate)
     total_steps = t.epochs * len(loader)  # max_steps only cuts a run short; the schedule stays the same
@@ -210,7 +241,12 @@ def train(cfg: Config, resume: bool = False) -> Trainable:
         ts = state["train_state"]
         optimizer.load_state_dict(ts["optimizer"])
         scheduler.load_state_dict(ts["scheduler"])
-        _set_rng_state(ts["rng"])
+        states = ts["rng"] if isinstance(ts["rng"], list) else [ts["rng"]]  # a dict: saved by one process
+        if len(states) == world:
+            set_rng_state(states[rank], device)
+        elif main:
+            print(f"resume: last.pt holds the random state of {len(states)} processes, this run has {world}: "
+                  "it goes on from the seeds it started with, not exactly where the run stopped")
         first_epoch, best, bad_epochs, step = ts["epoch"] + 1, ts["best"], ts["bad_epochs"], ts["step"]
         history = json.loads(ts["history"])
     writer = _tensorboard(out) if main else None
@@ -263,7 +299,7 @@ def train(cfg: Config, resume: bool = False) -> Trainable:
                 dev_losses = [caption_loss(model(x.to(device), y.to(device)), z.to(device)).item()
                               for x, y, z in dev_loader]
             record["dev_loss"] = float(np.mean(dev_losses))
-            captioner = Captioner(encoder, decoder, vocab, cfg, device)
+            captioner = Captioner(encoder, decoder, vocab, cfg, device, engine="torch")  # weights change every epoch
             if finetune:
                 with torch.inference_mode():
                     dev_images = DataLoader(ImageFiles(dev_ex, encoder.transform), batch_size=64)
@@ -281,12 +317,14 @@ def train(cfg: Config, resume: bool = False) -> Trainable:
                 for k, v in record.items():
                     writer.add_scalar(k, v, epoch)
             _plot(history, out / "curve.png")
+        rngs = _all_rng_states(device, distributed)  # after rank 0's evaluation, which draws from them too
+        if main:
             payload = dict(config=cfg.to_dict(), vocab=vocab.to_dict(), decoder=decoder.state_dict(),
                            encoder=encoder.state_dict() if finetune else None)
             if improved:
                 checkpoint.save(out / "best.pt", **payload)
             train_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                           "rng": _rng_state(), "epoch": epoch, "best": best, "bad_epochs": bad_epochs,
+                           "rng": rngs, "epoch": epoch, "best": best, "bad_epochs": bad_epochs,
                            "step": step, "history": json.dumps(history)}
             checkpoint.save(out / "last.pt", **payload, train_state=train_state)
         if distributed:  # every rank follows rank 0's early-stopping decision

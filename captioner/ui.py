@@ -1,7 +1,9 @@
 """The Gradio demo: caption one photo (beam size, n-best list, max length) or several at once.
 
 `build_ui(captioner)` returns the Blocks app; `captioner demo` launches it alone,
-`captioner serve` mounts it at / next to the HTTP API.
+`captioner serve` mounts it at / next to the HTTP API. Either way the model runs
+one batch at a time: alone, every event shares one Gradio queue slot; in the
+service, they go through its Batcher.
 """
 from __future__ import annotations
 
@@ -13,12 +15,13 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
-from .images import ImageError  # noqa: E402
+from .images import MAX_PIXELS, ImageError, open_image  # noqa: E402
 from .inference import Captioner  # noqa: E402
+from .limits import MAX_BEAM, MAX_LEN, MAX_N_BEST, Overloaded  # noqa: E402
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "demo" / "examples"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-MAX_BEAM, MAX_N_BEST, MAX_LEN = 10, 5, 40
+MODEL_QUEUE = "captioner"  # the one Gradio concurrency group of every event that runs the model
 
 
 def example_images(folder: Path = EXAMPLES_DIR) -> list[str]:
@@ -28,24 +31,34 @@ def example_images(folder: Path = EXAMPLES_DIR) -> list[str]:
     return sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def build_ui(captioner: Captioner, caption=None, examples: list[str] | None = None) -> gr.Blocks:
+def build_ui(captioner: Captioner, caption=None, examples: list[str] | None = None,
+             max_pixels: int = MAX_PIXELS) -> gr.Blocks:
     """The demo app around `captioner`.
 
-    caption(images: list, **decode_options) -> list of results runs the model; it
-    defaults to captioner.caption, called one request at a time. The HTTP service
-    passes its Batcher's caption instead, which is safe to call concurrently.
+    caption(images: list, **decode_options) -> list of results runs the model. By
+    default it is captioner.caption on images of at most max_pixels, and all events
+    share one queue slot, so one request at a time runs the model. The HTTP service
+    passes its own caption instead (its limits, its Batcher), safe to call concurrently.
     """
     concurrency = 1 if caption is None else None
-    caption = caption or captioner.caption
+    if caption is None:
+        def caption(images: list, **decode_options) -> list:
+            return captioner.caption([open_image(im, max_pixels) for im in images], **decode_options)
     defaults = captioner.config.decode
     examples = example_images() if examples is None else examples
+
+    def run_model(images: list, **decode_options) -> list:
+        try:
+            return caption(images, **decode_options)
+        except Overloaded:
+            raise gr.Error("The server is busy; try again in a moment.") from None
 
     def caption_one(image, beam_size, n_best, max_len):
         if image is None:
             raise gr.Error("Upload an image first.")
         beam_size, n_best = int(beam_size), min(int(n_best), int(beam_size))
         try:
-            result = caption([image], beam_size=beam_size, n_best=n_best, max_len=int(max_len))[0]
+            result = run_model([image], beam_size=beam_size, n_best=n_best, max_len=int(max_len))[0]
         except ImageError as e:
             raise gr.Error(f"Cannot read this image: {e}") from None
         hyps = result if n_best > 1 else [result]
@@ -56,12 +69,12 @@ def build_ui(captioner: Captioner, caption=None, examples: list[str] | None = No
             raise gr.Error("Upload one or more images first.")
         options = dict(beam_size=int(beam_size), max_len=int(max_len))
         try:
-            results = caption(files, **options)
+            results = run_model(files, **options)
         except ImageError:  # find the unreadable ones, caption the rest
             results = []
             for f in files:
                 try:
-                    results += caption([f], **options)
+                    results += run_model([f], **options)
                 except ImageError as e:
                     results.append({"caption": f"error: {e}", "score": None})
         names = [Path(f).name for f in files]
@@ -101,10 +114,12 @@ def build_ui(captioner: Captioner, caption=None, examples: list[str] | None = No
                                               column_widths=["25%", "55%", "20%"])
 
         inputs = [image, beam, n_best, max_len]
-        run.click(caption_one, inputs, [best, table], api_name="caption", concurrency_limit=concurrency)
+        run.click(caption_one, inputs, [best, table], api_name="caption", concurrency_limit=concurrency,
+                  concurrency_id=MODEL_QUEUE)
         # A new photo (uploaded or an example clicked) is captioned at once; clearing it clears the output.
         image.change(lambda im, *rest: caption_one(im, *rest) if im else ("", None), inputs, [best, table],
-                     api_visibility="private", concurrency_limit=concurrency)
+                     api_visibility="private", concurrency_limit=concurrency,
+                     concurrency_id=MODEL_QUEUE)
         run_many.click(caption_many, [files, beam_many, max_len_many], [gallery, table_many],
-                       api_name="caption_many", concurrency_limit=concurrency)
+                       api_name="caption_many", concurrency_limit=concurrency, concurrency_id=MODEL_QUEUE)
     return ui

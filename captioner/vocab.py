@@ -38,6 +38,7 @@ class Vocab:
             raise ValueError("vocabulary has duplicate words")
 
     pad, start, end, unk = 0, 1, 2, 3
+    banned = (pad, start, unk)  # what a generated caption may never contain (every search and sampler)
 
     @classmethod
     def build(cls, captions: Iterable[str], min_count: int = 5) -> "Vocab":

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import random
+import struct
+import zlib
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -50,3 +52,12 @@ def make_flickr8k(root: Path, per_class: int = 6, dev_per_class: int = 2) -> Pat
     (root / "Flickr_8k.trainImages.txt").write_bytes(("\r\n".join(train) + "\r\n").encode())
     (root / "Flickr_8k.devImages.txt").write_bytes(("\r\n".join(dev) + "\r\n").encode())
     return root
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height but holds almost no data: a decompression bomb's header."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")

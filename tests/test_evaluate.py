@@ -66,24 +66,6 @@ def test_cider_d_is_pycocoevalcaps_when_its_corpus_is_the_scored_images():
     assert metrics.CiderD(refs[:1]).score(hyps[0], 0) != pytest.approx(ours.score(hyps[0], 0))
 
 
-def test_linear_corpus_bleu4_shares_are_each_captions_effect_on_corpus_bleu():
-    refs = [[tokenize(r) for r in rs] for rs in REFS] * 25
-    hyps = [tokenize(h)[: 3 + i % 4] for i, h in enumerate(HYPS * 25)]  # cut short: the set pays a brevity penalty
-    from nltk.translate.bleu_score import closest_ref_length
-
-    assert sum(map(len, hyps)) < sum(closest_ref_length(r, len(h)) for h, r in zip(hyps, refs))  # so the penalty's term counts
-    shares, score = metrics.linear_corpus_bleu4(hyps, refs)
-    assert score > 0 and score == pytest.approx(metrics._nltk_bleu(refs, hyps, metrics.BLEU_WEIGHTS[3], None), abs=1e-12)
-    assert sum(shares) == pytest.approx(0, abs=1e-9)
-    # share / N is the first-order change in log BLEU-4: compare with leaving each caption out.
-    n = len(hyps)
-    for i in range(16):  # the distinct (caption, references) pairs
-        without = metrics._nltk_bleu(refs[:i] + refs[i + 1:], hyps[:i] + hyps[i + 1:], metrics.BLEU_WEIGHTS[3], None)
-        assert shares[i] / n == pytest.approx(math.log(score / without), abs=0.05 * abs(shares[i] / n) + 1e-5)
-    empty, score = metrics.linear_corpus_bleu4([[], []], refs[:2])  # samples that all ended at once
-    assert score == 0 and empty[0] == empty[1]  # none favoured: no advantage
-
-
 def test_closest_reference_length_ties_go_to_the_shorter_reference_in_both():
     # 5 words, references of 4 and 6: both libraries take 4, so no brevity penalty.
     hyp, refs = "a dog runs on grass", ["a dog runs fast", "a dog runs on the lawn"]
@@ -115,6 +97,16 @@ def test_pinned_difference_hypothesis_shorter_than_n_adds_one_ngram_in_nltk_only
     assert ours["bleu4"] == pytest.approx(100 * bp * (math.prod(p) * 2 / 4) ** 0.25, abs=1e-9)
     assert coco[3] == pytest.approx(100 * bp * (math.prod(p) * 2 / 3) ** 0.25, rel=1e-6)
     assert [ours[f"bleu{n}"] for n in (1, 2, 3)] == pytest.approx(coco[:3], abs=1e-6)
+
+
+def test_diversity_counts_words_distinct_and_copied_captions():
+    hyps = ["A dog runs.", "a dog runs", "a cat sleeps on a mat", ""]
+    r = metrics.diversity(hyps, training_captions=["a dog runs", "a bird flies"])
+    assert r["vocab_used"] == 7  # a dog runs cat sleeps on mat
+    assert r["distinct_pct"] == 75.0  # the first two are the same caption once tokenized
+    assert r["verbatim_train_pct"] == 50.0
+    assert r["mean_length"] == (3 + 3 + 6 + 0) / 4
+    assert "verbatim_train_pct" not in metrics.diversity(hyps)
 
 
 def test_empty_hypothesis_scores_without_error():
@@ -201,6 +193,8 @@ def test_model_evaluation_skips_bad_images_counts_them_and_writes_results(broken
     hyps, refs = [r["caption"] for r in results], [captions[r["image_id"]] for r in results]
     assert {k: report[k] for k in ("bleu1", "bleu2", "bleu3", "bleu4")} == metrics.bleu(hyps, refs)
     assert report["bleu1"] > 50  # the tiny model learned its colours and shapes
+    assert {k: report[k] for k in ("vocab_used", "distinct_pct", "mean_length")} == pytest.approx(metrics.diversity(hyps))
+    assert "verbatim_train_pct" not in report  # this folder has no train split to compare with
 
     # The same captions scored from the results file, with no model: a missing checkpoint is never opened.
     rc, out, _ = run_cli(capsys, "--data", str(root), "--split", "test", "--results",

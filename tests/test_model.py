@@ -1,6 +1,7 @@
 """Decoder, search, vocab, checkpoints and encoders: the core contract."""
 from __future__ import annotations
 
+import itertools
 import json
 import pickle
 import sys
@@ -9,11 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import ROOT
 from captioner import checkpoint
 from captioner.config import ModelConfig
 from captioner.decoder import AttentionDecoder, Decoder, Dropout, Ensemble, build_decoder, caption_loss
 from captioner.encoders import WeightsUnavailable, build_encoder
-from captioner.search import beam_search, greedy, sample
+from captioner.search import beam_search, greedy, penalty, sample
 from captioner.vocab import Vocab, tokenize
 
 
@@ -70,6 +72,29 @@ def test_decoding_steps_equal_teacher_forcing(cell, inject, layers, attention):
             logp, state = dec.step(ctx, tokens[:, t], state)
             steps.append(logp)
         torch.testing.assert_close(torch.stack(steps, 1), dec(feats, tokens).log_softmax(-1))
+
+
+def test_decoding_steps_follow_weights_that_change_after_a_search():
+    """Searches gather W_x·x from a per-vocabulary table; an optimizer step or a load must rebuild it."""
+    dec = small_decoder().eval()
+    feats, tokens = torch.randn(3, 12), torch.randint(4, 30, (3,))
+
+    def step():
+        with torch.inference_mode():
+            v = dec.features(feats)
+            return dec.step(dec.step_context(v), tokens, None)[0]
+
+    before = step()
+    opt = torch.optim.SGD(dec.parameters(), lr=0.5)
+    dec(feats, tokens[:, None]).sum().backward()
+    opt.step()
+    after = step()
+    assert not torch.allclose(before, after)
+    with torch.inference_mode():
+        torch.testing.assert_close(after, dec(feats, tokens[:, None]).log_softmax(-1)[:, 0])
+    dec.load_state_dict(small_decoder().state_dict())  # fresh weights copied in place
+    with torch.inference_mode():
+        torch.testing.assert_close(step(), dec(feats, tokens[:, None]).log_softmax(-1)[:, 0])
 
 
 def test_attention_sees_where_things_are_not_only_their_mean():
@@ -180,6 +205,65 @@ def test_beam_wider_than_vocabulary_still_returns_valid_hypotheses():
     for hs in out:
         assert 1 <= len(hs) <= 30
         assert all(torch.isfinite(torch.tensor(h.score)) for h in hs)
+
+
+def exhaustive_best(decoder, feat, *, words, start, end, max_len, length_penalty, alpha):
+    """The true best caption by brute force: every word sequence that ends within max_len
+    steps, and every max_len-word one that never ends, scored by teacher forcing."""
+    best = (float("-inf"), None)
+    with torch.inference_mode():
+        for n in range(max_len + 1):
+            seqs = torch.tensor(list(itertools.product(words, repeat=n)), dtype=torch.long).view(len(words) ** n, n)
+            inputs = torch.cat([torch.full((len(seqs), 1), start), seqs], 1)
+            logp = decoder(feat.expand(len(seqs), -1), inputs).log_softmax(-1)
+            prefix = logp[:, :n].gather(2, seqs[..., None]).sum((1, 2))
+            if n < max_len:  # ends after n words: n + 1 tokens with <end>
+                final = (prefix + logp[:, n, end]) / penalty(torch.tensor(n + 1), length_penalty, alpha)
+            else:
+                final = prefix / penalty(torch.tensor(n), length_penalty, alpha)
+            i = int(final.argmax())
+            if final[i] > best[0]:
+                best = (float(final[i]), seqs[i].tolist())
+    return best
+
+
+@pytest.mark.parametrize("length_penalty", ["none", "avg", "wu"])
+def test_beam_as_wide_as_the_candidates_finds_the_true_best_caption(length_penalty):
+    # 3 words, captions of up to 3 steps: 9 live prefixes + 3 endings are the most candidates any
+    # step before the last offers, so a beam of 12 holds them all and must find the true best.
+    torch.manual_seed(1)
+    dec = build_decoder(ModelConfig(embed_dim=8, hidden_dim=16, dropout=0.0), vocab_size=7, feature_dim=4).eval()
+    with torch.no_grad():
+        dec.out.weight.mul_(6)  # peaked word distributions, like a trained model's
+    words, start, end, max_len, alpha = (4, 5, 6), 1, 2, 3, 1.0
+    feats = torch.randn(48, 4)
+    found = beam_search(dec, feats, start=start, end=end, beam_size=12, max_len=max_len, banned=(0, 1, 3),
+                        length_penalty=length_penalty, alpha=alpha)
+    for feat, hyps in zip(feats, found):
+        score, tokens = exhaustive_best(dec, feat[None], words=words, start=start, end=end, max_len=max_len,
+                                        length_penalty=length_penalty, alpha=alpha)
+        assert hyps[0].tokens == tokens
+        assert hyps[0].score == pytest.approx(score, abs=1e-4)
+
+
+def test_a_finished_caption_is_not_lost_to_live_beams_that_finish_worse():
+    """With the shipped model at beam 6 and no length penalty, "a man" finishes inside the beam
+    on the README's photo; live prefixes used to push it out and then end lower."""
+    from captioner import Captioner
+
+    cap = Captioner.load(device="cpu")
+    feats = cap.encode(cap.preprocess(ROOT / "demo" / "examples" / "grace_hopper.jpg")[None])
+    found = cap.decode(feats, beam_size=6, length_penalty="none")[0][0]
+
+    def log_prob(caption: str) -> float:  # teacher forcing
+        ids = torch.tensor([cap.vocab.encode(caption)])
+        with torch.inference_mode():
+            logp = cap.decoder(feats, ids[:, :-1]).log_softmax(-1)
+        return logp.gather(2, ids[:, 1:, None]).sum().item()
+
+    assert cap.vocab.decode(found.tokens) == "a man"
+    assert found.score == pytest.approx(log_prob("a man"), abs=1e-3)
+    assert found.score > log_prob("a man in a black shirt") + 0.5  # what the search returned before
 
 
 def test_sampling_is_reproducible_with_a_generator_and_varies_with_temperature(captioner):

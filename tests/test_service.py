@@ -3,17 +3,18 @@ from __future__ import annotations
 
 import io
 import socket
-import struct
 import subprocess
 import sys
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import torch
 from PIL import Image
+from starlette.testclient import TestClient
 
+from fixtures import png_header_only
 from live_server import live_server
 
 LIMITS = dict(max_files=3, max_upload_mb=1, max_pixels=1_000_000)
@@ -40,14 +41,6 @@ def photos(tiny_data):
 
 def upload(*paths):
     return [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG that declares width x height but holds almost no data: a decompression bomb's header."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def test_round_trip_matches_the_captioner(client, captioner, photos):
@@ -147,7 +140,7 @@ def test_pixel_limit_is_checked_before_decoding(client):
 
 
 def test_batcher_fails_only_the_request_with_a_bad_option(captioner, photos):
-    from captioner.batcher import Batcher
+    from captioner.microbatch import Batcher
 
     batcher = Batcher(captioner)
     try:
@@ -161,6 +154,136 @@ def test_batcher_fails_only_the_request_with_a_bad_option(captioner, photos):
         batcher.close()
     with pytest.raises(RuntimeError, match="closed"):
         batcher.submit(pixels)
+
+
+def test_batcher_worker_survives_cancelled_and_failing_requests(captioner, photos):
+    """Cancelled futures are skipped and an error reaches only its own request; later requests still get captions."""
+    from captioner.microbatch import Batcher
+
+    batcher = Batcher(captioner)
+    try:
+        pixels = [captioner.preprocess(p) for p in photos[:8]]
+        running = batcher.submit(pixels, beam_size=3)  # keeps the worker busy while the rest queue up
+        cancelled = [batcher.submit(pixels[:2], beam_size=2) for _ in range(3)]
+        assert all(f.cancel() for f in cancelled)
+        with pytest.raises(TypeError):  # an option the worker cannot group by
+            batcher.submit(pixels[:1], beam_size=[2]).result(timeout=60)
+        wrong_shape = batcher.submit([torch.zeros(1, 224, 224)], beam_size=2)  # queued with `good`, one batch
+        good = batcher.submit(pixels[:2], beam_size=2)
+        with pytest.raises(RuntimeError):
+            wrong_shape.result(timeout=60)
+        expected = [captioner.caption(p, beam_size=2) for p in photos[:2]]
+        assert good.result(timeout=60) == expected
+        assert len(running.result(timeout=60)) == 8
+        assert batcher.alive
+        assert batcher.submit(pixels[:2], beam_size=2).result(timeout=60) == expected
+    finally:
+        batcher.close()
+    assert not batcher.alive
+
+
+def test_batcher_queue_is_bounded(captioner, photos):
+    from captioner.limits import Overloaded
+    from captioner.microbatch import Batcher
+
+    batcher = Batcher(captioner, max_queued=4)
+    try:
+        pixels = [captioner.preprocess(photos[0])] * 3
+        futures, refused = [], 0
+        for _ in range(6):  # 18 images submitted at once: the queue holds at most 4 beyond the first
+            try:
+                futures.append(batcher.submit(pixels, beam_size=1))
+            except Overloaded:
+                refused += 1
+        assert refused and futures
+        assert all(len(f.result(timeout=60)) == 3 for f in futures)
+    finally:
+        batcher.close()
+
+
+def test_healthz_is_503_once_the_worker_has_stopped(captioner):
+    from captioner.service import create_app
+
+    app = create_app(captioner, ui=False)
+    with TestClient(app) as c:
+        assert c.get("/healthz").json()["status"] == "ok"
+        app.state.batcher.close()
+        r = c.get("/healthz")
+        assert r.status_code == 503 and r.json()["status"] == "down"
+
+
+def test_pixel_budget_admits_waits_and_refuses():
+    from captioner.limits import Overloaded, PixelBudget
+
+    budget = PixelBudget(100, max_waiting=1, max_wait_s=0.5)
+
+    def decode(pixels):
+        with budget.admit(pixels):
+            pass
+
+    def until_one_waits():
+        while not budget.waiting:
+            time.sleep(0.01)
+
+    with ThreadPoolExecutor(1) as pool:
+        with budget.admit(60):
+            decode(40)  # fits beside the first
+            waiting = pool.submit(decode, 60)  # no room: waits, then gives up
+            until_one_waits()
+            with pytest.raises(Overloaded, match="images waiting"):  # the wait list (1) is full
+                decode(50)
+            with pytest.raises(Overloaded, match="within"):
+                waiting.result()
+        with budget.admit(100):
+            later = pool.submit(decode, 100)
+            until_one_waits()
+        later.result()  # the room freed while it waited: admitted
+    assert budget.in_use == 0 and budget.waiting == 0
+
+
+def test_overload_is_a_json_503_with_retry_after(captioner, photos):
+    from captioner.service import Limits, create_app
+
+    app = create_app(captioner, Limits(max_waiting=0), ui=False)
+    budget = app.state.budget
+    with TestClient(app) as c:
+        with budget.admit(budget.capacity):  # every pixel of the budget is being decoded
+            busy = c.post("/v1/captions", files=upload(photos[0]))
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+        assert photos[0].name in busy.json()["detail"]
+        assert c.post("/v1/captions", files=upload(photos[0])).status_code == 200
+
+
+def test_unexpected_error_is_a_json_500_with_an_id_in_the_log(captioner, caplog):
+    from captioner.service import create_app
+
+    app = create_app(captioner, ui=False)
+
+    @app.get("/v1/broken")
+    def broken():
+        raise ZeroDivisionError("a bug")
+
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.get("/v1/broken")
+        assert r.status_code == 500 and r.headers["content-type"] == "application/json"
+        error_id = r.json()["error_id"]
+        assert error_id in r.json()["detail"] and "a bug" not in r.text
+        assert any(error_id in rec.getMessage() and rec.exc_info for rec in caplog.records)
+        for method, path, status in [("GET", "/v1/nothing-here", 404), ("GET", "/v1/captions", 405)]:
+            r = c.request(method, path)
+            assert r.status_code == status and "detail" in r.json()
+
+
+def test_service_without_the_ui_never_imports_gradio(tiny_checkpoint):
+    script = f"""
+import sys
+from captioner import Captioner
+from captioner.service import create_app
+create_app(Captioner.load({str(tiny_checkpoint)!r}, device="cpu"), ui=False)
+assert "gradio" not in sys.modules, "gradio was imported"
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
 
 
 def test_cli_serve_answers_on_the_given_port(tiny_checkpoint, photos):

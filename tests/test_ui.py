@@ -33,6 +33,15 @@ def client(base_url, tmp_path_factory):
                   download_files=str(tmp_path_factory.mktemp("gradio_downloads")))
 
 
+def test_every_demo_example_has_a_stated_licence():
+    from captioner.ui import example_images
+
+    examples = [Path(p).name for p in example_images()]
+    licences = (ROOT / "demo" / "examples" / "LICENSES.md").read_text()
+    assert "grace_hopper.jpg" in examples and len(examples) >= 5
+    assert [name for name in examples if f"| `{name}` |" not in licences] == []
+
+
 def test_ui_api_captions_one_image_with_n_best(client, captioner, tiny_data):
     from gradio_client import handle_file
 
@@ -77,7 +86,7 @@ def test_browser_uploads_a_photo_and_sees_its_caption_offline(base_url, captione
         pytest.skip(reason)
     from playwright.sync_api import expect, sync_playwright
 
-    photo = ROOT / "demo" / "examples" / "dog_on_grass.jpg"
+    photo = ROOT / "demo" / "examples" / "camera.jpg"
     expected = captioner.caption(photo)["caption"]
     outside = []  # any request leaving loopback: the page must work offline
     ARTIFACTS.mkdir(exist_ok=True)
@@ -98,3 +107,47 @@ def test_browser_uploads_a_photo_and_sees_its_caption_offline(base_url, captione
         finally:
             browser.close()
     assert outside == []
+
+
+def caption_via_ui(url: str, image, download_dir):
+    from gradio_client import Client, handle_file
+
+    client = Client(url, verbose=False, analytics_enabled=False, download_files=str(download_dir))
+    return client.predict(handle_file(str(image)), 2, 1, 10, api_name="/caption")
+
+
+@pytest.fixture
+def photo_200x100(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (200, 100), (30, 140, 60)).save(tmp_path / "wide.png")
+    return tmp_path / "wide.png"
+
+
+def test_ui_in_the_service_applies_its_pixel_limit(captioner, photo_200x100, tmp_path):
+    from gradio_client.exceptions import AppError
+
+    from captioner.service import Limits, create_app
+
+    with live_server(create_app(captioner, Limits(max_pixels=19_999))) as url:
+        with pytest.raises(AppError, match="200x100 = 20000 pixels"):
+            caption_via_ui(url + "/", photo_200x100, tmp_path)
+    with live_server(create_app(captioner, Limits(max_pixels=20_000))) as url:
+        best, _ = caption_via_ui(url + "/", photo_200x100, tmp_path)
+        assert best == captioner.caption(photo_200x100, beam_size=2, max_len=10)["caption"]
+
+
+def test_demo_runs_the_model_from_one_queue_and_applies_its_pixel_limit(captioner, photo_200x100, tmp_path):
+    """`captioner demo`: every event that runs the model waits in one queue of one, so none runs concurrently."""
+    from gradio_client.exceptions import AppError
+
+    from captioner.ui import MODEL_QUEUE, build_ui
+
+    ui = build_ui(captioner, examples=[], max_pixels=19_999)
+    assert {(f.concurrency_id, f.concurrency_limit) for f in ui.fns.values()} == {(MODEL_QUEUE, 1)}
+    ui.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    try:
+        with pytest.raises(AppError, match="200x100 = 20000 pixels"):
+            caption_via_ui(ui.local_url, photo_200x100, tmp_path)
+    finally:
+        ui.close()

@@ -21,7 +21,9 @@ import torch
 from fixtures import draw
 from PIL import Image
 
-from captioner.batch import OutputError, OutputFile, caption_dir, list_images, parse_shard
+from captioner import cli
+from captioner.folder import (OutputError, OutputFile, OutputLocked, caption_dir, exclusive, list_images,
+                              parse_shard, resolve_shard, shard)
 from captioner.images import load_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,13 +187,13 @@ def test_torn_last_line_is_cut_and_foreign_files_are_left_alone(tmp_path):
     whole = out.path.read_bytes()
     with open(out.path, "ab") as f:
         f.write(b'{"image": "c.jpg", "capt')  # a crash in the middle of a write
-    assert out.done() == {"a.jpg", "b.jpg"}
+    assert set(out.last_rows()) == {"a.jpg", "b.jpg"}
     assert out.path.read_bytes() == whole
 
     foreign = tmp_path / "notes.jsonl"
     foreign.write_bytes(b'{"image": "a.jpg"}\nsomething else')
     with pytest.raises(OutputError):
-        OutputFile(foreign).done()
+        OutputFile(foreign).rows()
     assert foreign.read_bytes() == b'{"image": "a.jpg"}\nsomething else'
 
     table = OutputFile(tmp_path / "out.csv")
@@ -200,7 +202,7 @@ def test_torn_last_line_is_cut_and_foreign_files_are_left_alone(tmp_path):
     whole = table.path.read_bytes()
     with open(table.path, "ab") as f:
         f.write(b'z.jpg,a ca')
-    assert table.done() == {'x, "quoted".jpg', "y.jpg"}
+    assert set(table.last_rows()) == {'x, "quoted".jpg', "y.jpg"}
     assert table.path.read_bytes() == whole
     with pytest.raises(ValueError):
         OutputFile(tmp_path / "out.txt")
@@ -221,23 +223,35 @@ def test_shards_partition_the_folder(captioner, tiny_data, tmp_path):
             parse_shard(bad)
 
 
-def test_sigkill_mid_run_then_rerun_completes_without_duplicates(tiny_checkpoint, tmp_path):
-    folder = tmp_path / "photos"
+def photo_folder(folder: Path, n: int) -> Path:
     folder.mkdir()
-    for i in range(64):
+    for i in range(n):
         draw((220, 30, 30) if i % 2 else (30, 60, 220), "square" if i % 3 else "circle", seed=i).save(
             folder / f"img{i:03d}.jpg", quality=85)
+    return folder
+
+
+def caption_dir_command(folder: Path, out: Path, checkpoint: Path, workers: int) -> list[str]:
+    return [sys.executable, "-m", "captioner.cli", "caption-dir", str(folder), "--out", str(out), "--checkpoint",
+            str(checkpoint), "--device", "cpu", "--batch-size", "4", "--workers", str(workers)]
+
+
+def wait_for_rows(out: Path, proc: subprocess.Popen, rows: int) -> None:
+    deadline = time.monotonic() + 120
+    while not (out.exists() and out.read_bytes().count(b"\n") >= rows):
+        assert proc.poll() is None and time.monotonic() < deadline, "caption-dir ended before it was caught running"
+        time.sleep(0.02)
+
+
+def test_sigkill_mid_run_then_rerun_completes_without_duplicates(tiny_checkpoint, tmp_path):
+    folder = photo_folder(tmp_path / "photos", 64)
     out = tmp_path / "out.jsonl"
-    cmd = [sys.executable, "-m", "captioner.cli", "caption-dir", str(folder), "--out", str(out), "--checkpoint",
-           str(tiny_checkpoint), "--device", "cpu", "--batch-size", "4", "--workers", "1"]
+    cmd = caption_dir_command(folder, out, tiny_checkpoint, workers=1)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while not (out.exists() and out.read_bytes().count(b"\n") >= 8):
-            assert proc.poll() is None and time.monotonic() < deadline, "caption-dir ended before it was killed"
-            time.sleep(0.02)
+        wait_for_rows(out, proc, 8)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -252,3 +266,125 @@ def test_sigkill_mid_run_then_rerun_completes_without_duplicates(tiny_checkpoint
     names = [r["image"] for r in read_jsonl(out)]
     assert sorted(names) == [f"img{i:03d}.jpg" for i in range(64)]  # none missing, none twice
     assert f"{len(partial)} already in" in rerun.stderr
+
+
+def test_csv_torn_row_with_a_newline_inside_a_quoted_name_resumes(tmp_path):
+    table = OutputFile(tmp_path / "out.csv")
+    table.append([{"image": "two\nlines.jpg", "caption": "a dog", "score": -1.5}, {"image": "b.jpg", "error": "empty"}])
+    whole = table.path.read_bytes()
+    with open(table.path, "ab") as f:
+        f.write(b'"torn\nname.jpg",a ca')  # a crash inside the row of a name with a newline in it
+    assert list(table.last_rows()) == ["two\nlines.jpg", "b.jpg"]
+    assert table.path.read_bytes() == whole
+    table.append([{"image": "c.jpg", "caption": "a cat", "score": -2.0}])  # the run goes on from there
+    with open(table.path, newline="") as f:
+        assert [r["image"] for r in csv.DictReader(f)] == ["two\nlines.jpg", "b.jpg", "c.jpg"]
+
+
+def test_a_file_keeps_its_shard_when_the_folder_differs_between_machines():
+    here = [f"img{i:03d}.jpg" for i in range(200)]
+    there = sorted(set(here[::3]) | {f"extra{i}.jpg" for i in range(50)})  # fewer files, and others
+    for i in range(4):
+        assert set(shard(here, i, 4)) & set(there) == set(shard(there, i, 4)) & set(here)
+    parts = [shard(there, i, 4) for i in range(4)]
+    assert sorted(sum(parts, [])) == there and all(len(p) > 20 for p in parts)  # disjoint, complete, balanced
+
+
+def test_shard_comes_from_the_scheduler_when_not_given():
+    assert resolve_shard("1/3", {"RANK": "0", "WORLD_SIZE": "2"}) == (1, 3, "--shard")
+    assert resolve_shard(None, {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}) == (1, 2, "RANK/WORLD_SIZE")
+    slurm = {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "5"}
+    assert resolve_shard(None, slurm) == (2, 4, "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT")
+    stepped = {**slurm, "SLURM_ARRAY_TASK_ID": "35", "SLURM_ARRAY_TASK_MIN": "5", "SLURM_ARRAY_TASK_STEP": "10"}
+    assert resolve_shard(None, stepped)[:2] == (3, 4)  # --array=5-35:10
+    assert resolve_shard(None, {"SLURM_JOB_ID": "12"}) == (0, 1, "no shard")
+    with pytest.raises(ValueError, match="RANK/WORLD_SIZE"):
+        resolve_shard(None, {"RANK": "2", "WORLD_SIZE": "2"})
+
+
+def test_caption_dir_under_torchrun_takes_its_shard_and_says_so(tiny_checkpoint, tiny_data, tmp_path, monkeypatch,
+                                                               capsys):
+    folder = tiny_data / "Flicker8k_Dataset"
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["caption-dir", str(folder), "--out", str(tmp_path / "out.{shard}.jsonl"), "--checkpoint",
+                     str(tiny_checkpoint), "--device", "cpu", "--workers", "0"]) == 0
+    assert "shard 1/2 (from RANK/WORLD_SIZE)" in capsys.readouterr().err
+    names = [r["image"] for r in read_jsonl(tmp_path / "out.1-of-2.jsonl")]
+    assert names == shard(list_images(folder), 1, 2) and 0 < len(names) < len(list_images(folder))
+
+
+def test_a_second_run_on_the_same_output_refuses_naming_the_first(captioner, tiny_data, tmp_path):
+    out = tmp_path / "out.jsonl"
+    with exclusive(out):  # another run, as far as caption_dir can tell: the lock is taken through a new open file
+        with pytest.raises(OutputLocked, match=f"pid {os.getpid()} on "):
+            caption_dir(captioner, tiny_data / "Flicker8k_Dataset", out, workers=0, progress=False)
+    assert not out.exists()  # it refused before writing anything
+    caption_dir(captioner, tiny_data / "Flicker8k_Dataset", out, workers=0, progress=False)  # free again
+
+
+def test_two_runs_on_one_output_write_each_row_once(tiny_checkpoint, tmp_path):
+    folder = photo_folder(tmp_path / "photos", 48)
+    out = tmp_path / "out.jsonl"
+    cmd = caption_dir_command(folder, out, tiny_checkpoint, workers=0)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    waiting = None
+    try:
+        wait_for_rows(out, first, 4)  # the first run is writing
+        os.kill(first.pid, signal.SIGSTOP)  # paused mid-run, holding the output, however fast the others start
+        refused = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2 and f"pid {first.pid} on " in refused.stderr, refused.stderr
+        waiting = subprocess.Popen(cmd + ["--wait"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, text=True)
+        said = ""
+        while "waiting for the run" not in said and waiting.poll() is None:
+            said += waiting.stderr.readline()
+        assert f"pid {first.pid} on " in said, said
+        os.kill(first.pid, signal.SIGCONT)
+        assert first.wait(timeout=300) == 0
+        said += waiting.stderr.read()
+        assert waiting.wait(timeout=300) == 0 and "48 already in" in said, said  # it found the work done
+    finally:
+        for proc in (first, waiting):
+            if proc:
+                proc.kill()
+                proc.wait()
+    names = [r["image"] for r in read_jsonl(out)]
+    assert sorted(names) == [f"img{i:03d}.jpg" for i in range(48)]  # none twice
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_retry_errors_captions_error_rows_again_and_keeps_one_row_per_image(captioner, tmp_path, suffix):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        draw((30, 60, 220), "circle", seed=i).save(folder / f"ok{i}.jpg")
+    (folder / "late.jpg").write_bytes(b"")  # still being copied when the first run read it
+    out = OutputFile(tmp_path / f"out{suffix}")
+    first = caption_dir(captioner, folder, out.path, workers=0, progress=False)
+    assert first.errors == 1 and out.last_rows()["late.jpg"]["error"]
+    draw((220, 30, 30), "square", seed=9).save(folder / "late.jpg")  # the copy has finished
+    assert caption_dir(captioner, folder, out.path, workers=0, progress=False).skipped == 4  # error rows stay
+    again = caption_dir(captioner, folder, out.path, workers=0, progress=False, retry_errors=True)
+    assert (again.retried, again.captioned, again.errors, again.skipped) == (1, 1, 0, 3)
+    rows = out.rows()
+    assert [r["image"] for r in rows] == ["late.jpg", "ok0.jpg", "ok1.jpg", "ok2.jpg"]  # one row each, in place
+    assert rows[0]["caption"] and not rows[0].get("error")
+
+
+def test_a_retry_cut_short_resumes_from_each_images_last_row(captioner, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        draw((30, 60, 220), "circle", seed=1).save(folder / name)
+    out = OutputFile(tmp_path / "out.jsonl")
+    # A retry run killed after appending a's new row, before rewriting the file: two rows for a.jpg.
+    out.append([{"image": "a.jpg", "error": "empty"}, {"image": "b.jpg", "error": "empty"}])
+    out.append([{"image": "a.jpg", "caption": "a blue circle", "score": -1.0}])
+    assert out.last_rows()["a.jpg"]["caption"] == "a blue circle"
+    summary = caption_dir(captioner, folder, out.path, workers=0, progress=False, retry_errors=True)
+    assert (summary.retried, summary.captioned) == (1, 1)  # only b.jpg: a.jpg's last row is a caption
+    rows = out.rows()
+    assert [r["image"] for r in rows] == ["a.jpg", "b.jpg"] and all("caption" in r for r in rows)
+    assert rows[0]["caption"] == "a blue circle"

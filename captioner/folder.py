@@ -1,0 +1,380 @@
+"""Captioning a folder: every image file gets exactly one output row, at the speed of the encoder.
+
+DataLoader worker processes open and preprocess the images (`Captioner.preprocess`)
+while the main process runs the batched encoder and beam search. A file that cannot
+be read becomes an error row; it never stops the batch.
+
+The output (.jsonl or .csv) is appended and fsync'd once per batch, so a run that is
+killed loses at most the batch in flight. A rerun with the same output reads the
+rows already there, cuts away a torn last row, and captions only what is missing
+(with retry_errors, the images whose row is an error too). An image's last row is
+its answer: a retried image has two rows until the run ends and rewrites the file
+with one row each, atomically (a temporary file renamed over it). A lock file
+beside the output (`<out>.lock`) keeps two runs from writing one output at once.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import fcntl
+import hashlib
+import io
+import json
+import os
+import socket
+import sys
+import warnings
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .images import ImageError
+from .inference import Captioner
+
+DEFAULT_EXTS = ("jpg", "jpeg", "png", "gif", "bmp", "webp", "tif", "tiff")
+CSV_COLUMNS = ["image", "caption", "score", "error"]
+# json.dumps writes every row starting with exactly this, which tells our torn lines from foreign data.
+JSONL_ROW_START = b'{"image": '
+
+
+class OutputError(ValueError):
+    """The output file exists but is not a caption-dir result file (it is left untouched)."""
+
+
+def list_images(root: str | Path, *, recursive: bool = False, exts=DEFAULT_EXTS) -> list[str]:
+    """Image files under `root` as sorted relative POSIX paths.
+
+    Symlinked folders are followed, but each real folder is read once, so a link
+    loop ends and a folder reachable twice gives no duplicate rows.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"not a folder: {root}")
+    suffixes = {"." + e.lower().lstrip(".") for e in exts}
+    seen, found = set(), []
+    def unreadable(err: OSError):  # its files cannot be listed, so they cannot get rows: say so
+        warnings.warn(f"caption-dir: skipping a folder it cannot read: {err}", stacklevel=2)
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
+        st = os.stat(dirpath)
+        dirnames.sort()  # the walk order decides which of two links to one folder is listed
+        if (st.st_dev, st.st_ino) in seen or not recursive:
+            dirnames.clear()
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        rel = Path(dirpath).relative_to(root)
+        found += [(rel / f).as_posix() for f in filenames if os.path.splitext(f)[1].lower() in suffixes]
+    return sorted(found)
+
+
+class OutputLocked(OutputError):
+    """Another run is writing the same output."""
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/n' (0 <= i < n) -> (i, n)."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"shard must look like i/n, e.g. 0/4 (got {text!r})") from None
+    if not 0 <= i < n:
+        raise ValueError(f"shard i/n needs 0 <= i < n (got {text!r})")
+    return i, n
+
+
+def resolve_shard(text: str | None, environ=os.environ) -> tuple[int, int, str]:
+    """(i, n, where it came from): `--shard i/n` when given, else the scheduler's environment,
+    torchrun's RANK/WORLD_SIZE or a Slurm array's SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT,
+    else 0/1 (everything)."""
+    if text:
+        return (*parse_shard(text), "--shard")
+    source = "the environment"
+    try:
+        if "RANK" in environ and "WORLD_SIZE" in environ:
+            source = "RANK/WORLD_SIZE"
+            index, count = int(environ["RANK"]), int(environ["WORLD_SIZE"])
+        elif "SLURM_ARRAY_TASK_ID" in environ and "SLURM_ARRAY_TASK_COUNT" in environ:
+            source = "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT"
+            # Array ids need not start at 0 or be consecutive (--array=1-8, --array=0-30:10).
+            first, step = int(environ.get("SLURM_ARRAY_TASK_MIN", 0)), int(environ.get("SLURM_ARRAY_TASK_STEP", 1))
+            index, count = (int(environ["SLURM_ARRAY_TASK_ID"]) - first) // step, int(environ["SLURM_ARRAY_TASK_COUNT"])
+        else:
+            return 0, 1, "no shard"
+        return (*parse_shard(f"{index}/{count}"), source)
+    except ValueError as e:
+        raise ValueError(f"cannot take the shard from {source}: {e}") from None
+
+
+def shard_of(name: str, count: int) -> int:
+    """A file's shard from a hash of its relative path alone: the same on every machine
+    and in every listing, whatever other files a machine's copy of the folder holds."""
+    digest = hashlib.sha256(name.encode("utf-8", errors="surrogateescape")).digest()
+    return int.from_bytes(digest[:8], "big") % count
+
+
+def shard(files: list[str], index: int, count: int) -> list[str]:
+    """The files of shard `index` of `count`: n machines, disjoint and complete."""
+    return [f for f in files if shard_of(f, count) == index]
+
+
+@contextlib.contextmanager
+def exclusive(out: Path, wait: bool = False):
+    """Hold an exclusive lock on `out` for the whole run, through `<out>.lock` beside it.
+
+    The lock file stays after the run: deleting it would let a run that opened it just
+    before lock a file that no longer exists, beside a newer run that locks a new one.
+    """
+    fd = os.open(out.with_name(out.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "unknown"
+            if not wait:
+                raise OutputLocked(f"{out} is being written by another caption-dir run (pid {holder}); "
+                                   "wait for it to end (--wait waits) or choose another --out") from None
+            print(f"caption-dir: waiting for the run writing {out} (pid {holder}) to end", file=sys.stderr)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock, also when the process dies
+
+
+class OutputFile:
+    """A results file, .jsonl or .csv: the rows it holds, crash-safe appends and an atomic rewrite."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        suffix = self.path.suffix.lower()
+        if suffix not in (".jsonl", ".csv"):
+            raise ValueError(f"--out must end in .jsonl or .csv (got {self.path.name!r})")
+        self.csv = suffix == ".csv"
+
+    def rows(self) -> list[dict]:
+        """Every row, in file order; a torn last row (a crash mid-write) is cut off the file first."""
+        if not self.path.exists():
+            return []
+        data = self.path.read_bytes()
+        end = self._complete_end(data)
+        complete, tail = data[:end], data[end:]
+        rows = self._parse(complete)
+        if tail:
+            if not self._torn_row(tail, header_done=bool(complete)):
+                raise OutputError(f"{self.path} does not end like a caption-dir result file; "
+                                  "not touching it (choose another --out)")
+            with open(self.path, "r+b") as f:
+                f.truncate(end)
+                os.fsync(f.fileno())
+        return rows
+
+    def last_rows(self) -> dict[str, dict]:
+        """Each image's last row (its answer), in the order the images first appear."""
+        return _last_per_image(self.rows())
+
+    def _complete_end(self, data: bytes) -> int:
+        """Where the last whole row ends. A CSV row ends at a newline outside quotes: a quoted
+        file name may hold newlines, and a torn row may stop inside its quotes."""
+        if not self.csv:
+            return data.rfind(b"\n") + 1
+        end = pos = 0
+        quoted = False
+        for line in data.split(b"\n")[:-1]:  # the last piece has no newline after it
+            pos += len(line) + 1
+            quoted ^= line.count(b'"') % 2 == 1  # an escaped quote ("") counts twice
+            if not quoted:
+                end = pos
+        return end
+
+    def _parse(self, complete: bytes) -> list[dict]:
+        text = complete.decode("utf-8", errors="surrogateescape")  # non-UTF-8 file names round-trip
+        if self.csv:
+            rows = list(csv.reader(io.StringIO(text, newline=""), strict=True)) if text else []
+            if rows and rows[0] != CSV_COLUMNS:
+                raise OutputError(f"{self.path} is not a caption-dir CSV (header {rows[0]} != {CSV_COLUMNS})")
+            bad = next((n for n, r in enumerate(rows[1:], 2) if len(r) != len(CSV_COLUMNS)), None)
+            if bad:
+                raise OutputError(f"{self.path} row {bad}: expected {len(CSV_COLUMNS)} columns")
+            return [dict(zip(CSV_COLUMNS, r)) for r in rows[1:]]
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if not isinstance(row, dict) or "image" not in row:
+                raise OutputError(f"{self.path} line {n} is not a caption-dir row; not touching the file")
+            rows.append(row)
+        return rows
+
+    def _torn_row(self, tail: bytes, header_done: bool) -> bool:
+        if self.csv:
+            header = (",".join(CSV_COLUMNS) + "\n").encode()
+            return header_done or header.startswith(tail)
+        return tail.startswith(JSONL_ROW_START) or JSONL_ROW_START.startswith(tail)
+
+    def _encode(self, rows: list[dict], header: bool) -> bytes:
+        buf = io.StringIO(newline="")
+        if self.csv:
+            writer = csv.writer(buf, lineterminator="\n")
+            if header:
+                writer.writerow(CSV_COLUMNS)
+            writer.writerows([r.get(c, "") for c in CSV_COLUMNS] for r in rows)
+        else:
+            # ASCII escapes keep every line valid UTF-8 JSON, even for non-UTF-8 file names.
+            buf.writelines(json.dumps(r) + "\n" for r in rows)
+        return buf.getvalue().encode("utf-8", errors="surrogateescape")
+
+    def append(self, rows: list[dict]) -> None:
+        """Append rows in one write, then fsync: after a crash the file holds whole rows and at most one torn row."""
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        _write(self.path, self._encode(rows, header=new), os.O_APPEND)
+        if new:  # make the new file's directory entry durable too
+            _fsync_dir(self.path.parent)
+
+    def compact(self) -> int:
+        """Keep only each image's last row, where a retry left two; returns how many rows went.
+
+        The rows go to a temporary file beside the output, which is then renamed over it:
+        a crash leaves either the old file or the new one, whole.
+        """
+        rows = self.rows()
+        last = _last_per_image(rows)
+        if len(last) == len(rows):
+            return 0
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        _write(tmp, self._encode(list(last.values()), header=self.csv), os.O_TRUNC)
+        os.replace(tmp, self.path)
+        _fsync_dir(self.path.parent)
+        return len(rows) - len(last)
+
+
+def _last_per_image(rows: list[dict]) -> dict[str, dict]:
+    last = {}
+    for row in rows:
+        last[row["image"]] = row
+    return last
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | mode, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class FileItem(NamedTuple):
+    name: str
+    pixels: torch.Tensor | None
+    error: str | None
+
+
+class FileDataset(Dataset):
+    """Runs in the DataLoader workers: open + preprocess one file, or describe why it failed."""
+
+    def __init__(self, root: Path, names: list[str], preprocess):
+        self.root, self.names, self.preprocess = root, names, preprocess
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, i) -> FileItem:
+        name = self.names[i]
+        try:
+            return FileItem(name, self.preprocess(self.root / name), None)
+        except ImageError as e:
+            return FileItem(name, None, str(e))
+        except Exception as e:  # a decoder bug on one odd file must not end the whole run
+            return FileItem(name, None, f"cannot read image: {type(e).__name__}: {e}")
+
+
+def _background_worker(_worker_id: int) -> None:
+    # The encoder's threads are the bottleneck and wait on each other at every parallel
+    # region: a decode worker that preempts one of them stalls them all. At low priority
+    # the workers run in the gaps instead (they need ~1 ms of CPU per photo).
+    os.nice(10)
+
+
+class FileBatch(NamedTuple):
+    items: list[FileItem]
+    pixels: torch.Tensor | None  # the readable items' tensors, stacked in item order
+
+
+def collate_files(items: list[FileItem]) -> FileBatch:
+    ok = [it.pixels for it in items if it.pixels is not None]
+    return FileBatch(items, torch.stack(ok) if ok else None)
+
+
+class Summary(NamedTuple):
+    total: int  # files in this shard
+    skipped: int  # already in the output before this run (error rows too, unless retried)
+    captioned: int
+    errors: int
+    retried: int = 0  # error rows from earlier runs that this run tried again
+
+
+def caption_dir(captioner: Captioner, root: str | Path, out: str | Path, *, recursive: bool = False,
+                exts=DEFAULT_EXTS, batch_size: int = 32, workers: int = 2, shard_spec: tuple[int, int] = (0, 1),
+                retry_errors: bool = False, wait: bool = False, progress: bool = True, **decode_options) -> Summary:
+    """Caption every image file under `root` into `out` (.jsonl or .csv), resuming what is there.
+
+    Rows: {"image": relative path, "caption", "score"} or {"image", "error"}.
+    retry_errors: images whose row is an error are tried again; the new row replaces it.
+    wait: when another run is writing `out`, wait for it to end instead of raising OutputLocked.
+    decode_options go to `Captioner.decode` (beam_size, max_len, length_penalty ...).
+    """
+    root = Path(root)
+    output = OutputFile(out)
+    output.path.parent.mkdir(parents=True, exist_ok=True)  # fail now, not after the first batch
+    files = shard(list_images(root, recursive=recursive, exts=exts), *shard_spec)
+    with exclusive(output.path, wait):
+        last = output.last_rows()
+        retry = [f for f in files if retry_errors and f in last and last[f].get("error")]
+        todo = [f for f in files if f not in last] + retry
+        summary = dict(total=len(files), skipped=len(files) - len(todo), captioned=0, errors=0, retried=len(retry))
+        if todo:
+            _caption_files(captioner, root, sorted(todo), output, summary, batch_size=batch_size, workers=workers,
+                           progress=progress, decode_options=decode_options)
+        output.compact()
+    return Summary(**summary)
+
+
+def _caption_files(captioner: Captioner, root: Path, names: list[str], output: OutputFile, summary: dict, *,
+                   batch_size: int, workers: int, progress: bool, decode_options: dict) -> None:
+    loader = DataLoader(FileDataset(root, names, captioner.preprocess), batch_size=batch_size, num_workers=workers,
+                        collate_fn=collate_files, pin_memory=captioner.device.type == "cuda",
+                        worker_init_fn=_background_worker)
+    with tqdm(total=summary["total"], initial=summary["skipped"], unit="img", desc="caption-dir",
+              disable=not progress, dynamic_ncols=True) as bar:
+        for batch in loader:
+            captions = iter([])
+            if batch.pixels is not None:
+                hyps = captioner.decode(captioner.encode(batch.pixels), **decode_options)
+                captions = iter([captioner.format(h) for h in hyps])
+            rows = [{"image": it.name, "error": it.error} if it.error else {"image": it.name, **next(captions)}
+                    for it in batch.items]
+            output.append(rows)
+            n_err = sum(it.error is not None for it in batch.items)
+            summary["errors"] += n_err
+            summary["captioned"] += len(rows) - n_err
+            bar.update(len(rows))
+            bar.set_postfix(errors=summary["errors"])
