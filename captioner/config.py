@@ -30,12 +30,12 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    format: str = "flickr8k"  # flickr8k | karpathy | coco
-    root: str = "../shared/data/flickr8k"  # Flickr8k folder, or the annotation JSON
-    images: str | None = None  # image folder (karpathy / coco)
+    format: str = "flickr8k"  # flickr8k | karpathy | coco | csv | jsonl
+    root: str = "../shared/data/flickr8k"  # Flickr8k folder, or the annotation file
+    images: str | None = None  # image folder (karpathy, coco, csv, jsonl)
     train_split: str = "train"
     dev_split: str = "dev"
-    dev_annotations: str | None = None  # coco: the dev split's own captions JSON
+    dev_annotations: str | None = None  # coco, csv, jsonl: the dev split's own captions file
     min_count: int = 5  # words seen fewer times become <unk>
     max_caption_len: int = 30  # training captions are cut to this many words
     feature_cache: str = "cache/features"  # where extract-features writes v per image
@@ -51,6 +51,9 @@ class TrainConfig:
     init_from: str | None = None  # checkpoint whose weights and vocabulary start the run (scst fine-tuning)
     scst_samples: int = 5  # captions sampled per image for scst; batch_size then counts images
     scst_xe_weight: float = 0.0  # >0: scst also minimizes this much of the references' cross-entropy
+    # >0: this share of the training captions is drawn from init_from's own training data (its config's
+    # data section, cached features), so fine-tuning on new data forgets less of the old
+    replay: float = 0.0
     precision: str = "fp32"  # fp32 | bf16: forward and loss under bf16 autocast (fast on AMX CPUs and recent GPUs)
     seed: int = 0
     device: str = "auto"

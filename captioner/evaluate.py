@@ -29,7 +29,7 @@ from pathlib import Path
 
 from . import metrics
 from .config import DataConfig
-from .data import Example, load_split
+from .data import ONE_SPLIT_FORMATS, Example, detect_format, load_split
 from .files import write_atomic
 from .vocab import tokenize
 
@@ -60,32 +60,13 @@ class Captions:
 
 
 # -- the split ---------------------------------------------------------------------------
-def detect_format(data: str | Path) -> str:
-    """flickr8k (a folder), karpathy or coco (a JSON file), from what the path holds."""
-    data = Path(data)
-    if data.is_dir():
-        return "flickr8k"
-    if not data.is_file():
-        raise FileNotFoundError(f"no such dataset: {data} (give a Flickr8k folder, a Karpathy or a COCO JSON)")
-    try:
-        content = json.loads(data.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{data} is not a JSON file ({e}); give a Flickr8k folder, a Karpathy or a COCO JSON")
-    if isinstance(content, dict) and "annotations" in content:
-        return "coco"
-    if isinstance(content, dict) and any("sentences" in img for img in content.get("images", [])):
-        return "karpathy"
-    raise ValueError(f"{data} is neither a COCO captions file (no 'annotations') nor a Karpathy split "
-                     "file (no 'images' with 'sentences')")
-
-
 def load_examples(data: str | Path, split: str | None = None, images: str | Path | None = None,
                   need_images: bool = True) -> tuple[str, list[Example]]:
-    """(format, examples) of one split. COCO files are one split each, the others need `split`."""
+    """(format, examples) of one split. COCO, CSV and JSONL files are one split each, the others need `split`."""
     fmt = detect_format(data)
-    if fmt == "coco" and split:
-        raise ValueError(f"{data} is a COCO captions file, which holds one split by itself: leave out --split")
-    if fmt != "coco" and not split:
+    if fmt in ONE_SPLIT_FORMATS and split:
+        raise ValueError(f"{data} is a {fmt} captions file, which holds one split by itself: leave out --split")
+    if fmt not in ONE_SPLIT_FORMATS and not split:
         raise ValueError(f"{data} is a {fmt} dataset with several splits: give --split (e.g. dev or test)")
     if fmt != "flickr8k" and images is None:
         if need_images:

@@ -174,9 +174,9 @@ class Runtime:
                 results.append(self._beam(c, s, beam_size, max_len, length_penalty, alpha, n_best))
         return results
 
-    def format(self, hyps: list[tuple[list[int], float]], n_best: int = 1):
-        out = [{"caption": self.vocab.decode(tokens), "score": round(score, 4)} for tokens, score in hyps]
-        return out[0] if n_best == 1 else out
+    def format(self, hyps: list[tuple[list[int], float]]) -> list[dict]:
+        """One image's hypotheses -> [{"caption", "score"}, ...], best first (as Captioner.format)."""
+        return [{"caption": self.vocab.decode(tokens), "score": round(score, 4)} for tokens, score in hyps]
 
     def caption(self, images, *, n_best: int = 1, batch_size: int = 32, **decode_options):
         """Caption one image or a list of them (paths, bytes or PIL images), as Captioner.caption does.
@@ -190,8 +190,9 @@ class Runtime:
         results = []
         for i in range(0, len(images), batch_size):
             pixels = np.stack([self.preprocess(im) for im in images[i:i + batch_size]])
-            results += [self.format(h, n_best)
-                        for h in self.decode(self.encode(pixels), n_best=n_best, **decode_options)]
+            results += [self.format(h) for h in self.decode(self.encode(pixels), n_best=n_best, **decode_options)]
+        if n_best == 1:
+            results = [r[0] for r in results]
         return results[0] if single else results
 
     # -- decoding one image -------------------------------------------------------------

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from . import checkpoint
 from .config import Config, TrainConfig
-from .data import CaptionDataset, ImageFiles, LengthBatches, collate, load_split
+from .data import CaptionDataset, ImageFiles, LengthBatches, collate, load_split, with_replay
 from .decoder import Decoder, build_decoder, caption_loss
 from .encoders import build_encoder
 from .features import extract, open_features
@@ -125,14 +125,19 @@ def make_optimizer(params, t: TrainConfig) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused)
 
 
-def evaluate_bleu(captioner: Captioner, feats, examples, batch_size: int = 500) -> dict[str, float]:
-    """Dev BLEU of decoded captions (the model's own decoding settings), not teacher-forced.
-    feats: an (N, D) array (a memmapped cache or in memory), one row per example."""
+def decode_features(captioner: Captioner, feats, batch_size: int = 500) -> list[str]:
+    """Captions of cached features (the model's own decoding settings).
+    feats: an (N, D) array (a memmapped cache or in memory), one row per image."""
     hyps = []
-    for i in range(0, len(examples), batch_size):
+    for i in range(0, len(feats), batch_size):
         batch = torch.as_tensor(np.array(feats[i:i + batch_size], dtype=np.float32))
         hyps += [captioner.vocab.decode(h[0].tokens) for h in captioner.decode(batch)]
-    return bleu(hyps, [ex.captions for ex in examples])
+    return hyps
+
+
+def evaluate_bleu(captioner: Captioner, feats, examples, batch_size: int = 500) -> dict[str, float]:
+    """Dev BLEU of decoded captions, not teacher-forced; feats: one row per example."""
+    return bleu(decode_features(captioner, feats[:len(examples)], batch_size), [ex.captions for ex in examples])
 
 
 def _plot(history: list[dict], path: Path) -> None:
@@ -198,6 +203,14 @@ def train(cfg: Config, resume: bool = False) -> Trainable:
     else:
         train_src = open_features(cfg.data.feature_cache, cfg.data.train_split, train_ex, encoder.name)
         dev_src = open_features(cfg.data.feature_cache, cfg.data.dev_split, dev_all, encoder.name)[: len(dev_ex)]
+    if t.replay:
+        if finetune or not t.init_from:
+            raise ValueError("train.replay mixes in the cached features of train.init_from's own training data: "
+                             "it needs init_from and a frozen encoder")
+        base = Config.from_dict((init or checkpoint.load(t.init_from))["config"]).data
+        replay_ex = load_split(base, base.train_split)
+        replay_src = open_features(base.feature_cache, base.train_split, replay_ex, encoder.name)
+        train_ex, train_src = with_replay(train_ex, train_src, replay_ex, replay_src, t.replay, t.seed)
     decoder = build_decoder(cfg.model, len(vocab), encoder.dim)
     model = Trainable(decoder, encoder if finetune else None).to(device)
     if start:

@@ -27,6 +27,12 @@ def tokenize(text: str) -> list[str]:
     return [t for t in _treebank().tokenize(text.lower()) if any(c.isalnum() for c in t)]
 
 
+def _frequent(captions: Iterable[str], min_count: int) -> list[str]:
+    counts = Counter(t for c in captions for t in tokenize(c))
+    # Sorted by frequency, then alphabetically, so the same data gives the same ids.
+    return sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
+
+
 class Vocab:
     def __init__(self, words: Iterable[str]):
         words = [w for w in words if w not in SPECIALS]
@@ -40,10 +46,12 @@ class Vocab:
 
     @classmethod
     def build(cls, captions: Iterable[str], min_count: int = 5) -> "Vocab":
-        counts = Counter(t for c in captions for t in tokenize(c))
-        # Sorted by frequency, then alphabetically, so the same data gives the same ids.
-        words = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
-        return cls(words)
+        return cls(_frequent(captions, min_count))
+
+    def extend(self, captions: Iterable[str], min_count: int = 5) -> "Vocab":
+        """This vocabulary plus the words of `captions` seen at least min_count times that it lacks,
+        appended: every existing word keeps its id."""
+        return Vocab(self.itos + [w for w in _frequent(captions, min_count) if w not in self.stoi])
 
     def __len__(self) -> int:
         return len(self.itos)

@@ -122,8 +122,8 @@ def test_other_recurrent_decoders_export_exactly(shipped, tmp_path, cell, inject
     rt = Runtime(export_bundle(cap, tmp_path / "bundle"))
     feats = torch.randn(3, shipped.encoder.width).abs()
     for options in (dict(method="greedy"), dict(beam_size=3, n_best=2)):
-        want = [[cap.format([h]) for h in hyps] for hyps in cap.decode(feats, **options)]
-        got = [[rt.format([h]) for h in hyps] for hyps in rt.decode(feats.numpy(), **options)]
+        want = [cap.format(hyps) for hyps in cap.decode(feats, cap.options(**options))]
+        got = [rt.format(hyps) for hyps in rt.decode(feats.numpy(), **options)]
         assert [[r["caption"] for r in g] for g in got] == [[r["caption"] for r in w] for w in want]
         assert np.allclose([[r["score"] for r in g] for g in got], [[r["score"] for r in w] for w in want],
                            atol=1e-3)

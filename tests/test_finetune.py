@@ -1,0 +1,119 @@
+"""Fine-tuning on a user's own captions: vocabulary extension and the whole flow on the tiny model."""
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+
+from captioner import Captioner, checkpoint
+from captioner.finetune import Settings, finetune, format_report, grow_vocabulary, split_by_image
+from captioner.vocab import Vocab
+from fixtures import draw
+
+
+def test_vocab_extension_keeps_old_ids_and_rows_bit_identical(tiny_checkpoint):
+    base = checkpoint.load(tiny_checkpoint)
+    old = Vocab.from_dict(base["vocab"])
+    new = old.extend(["a hexagon", "a hexagon .", "a purple hexagon", "an orange circle", "an orange hexagon"],
+                     min_count=2)
+    assert new.itos[:len(old)] == old.itos and new.stoi["red"] == old.stoi["red"]
+    added = new.itos[len(old):]
+    assert added == ["hexagon", "an", "orange"]  # by count, then name; purple (seen once) stays <unk>
+    grown = grow_vocabulary(base["decoder"], old, new)
+    for name in ("embed.weight", "out.weight", "out.bias"):
+        assert torch.equal(grown[name][:len(old)], base["decoder"][name])
+        assert grown[name].shape[0] == len(new)
+    unk, k = old.unk, len(added)
+    assert torch.equal(grown["embed.weight"][len(old):], base["decoder"]["embed.weight"][unk].expand(k, -1))
+    assert torch.allclose(grown["out.bias"][len(old):], base["decoder"]["out.bias"][unk] - math.log(k))
+    # The other weights are the very same tensors; the grown decoder loads into a model of the new size.
+    assert all(grown[n] is t for n, t in base["decoder"].items() if n not in ("embed.weight", "out.weight", "out.bias"))
+    payload = {**base, "vocab": new.to_dict(), "decoder": grown}
+    cap = Captioner.from_payload(payload, device="cpu")
+    # The new words share <unk>'s probability: the old words' log-probabilities move by one constant.
+    before = Captioner.from_payload(base, device="cpu")
+    feats, tokens = torch.randn(2, 1280), torch.tensor([[old.start, old.stoi["red"]]] * 2)
+    lp_old, lp_new = (c.decoder(feats, tokens).log_softmax(-1) for c in (before, cap))
+    shift = lp_new[..., :len(old)] - lp_old
+    assert torch.allclose(shift, shift[..., :1].expand_as(shift), atol=1e-5)
+    with pytest.raises(ValueError, match="must start with the old one"):
+        grow_vocabulary(base["decoder"], new, old)
+
+
+def test_split_by_image_is_deterministic_and_independent_of_order(tiny_data):
+    from captioner.data import load_flickr8k
+
+    exs = load_flickr8k(tiny_data, "train")
+    train, val = split_by_image(exs, 0.25)
+    assert len(val) == 6 and len(train) == 18 and not {e.image_id for e in val} & {e.image_id for e in train}
+    assert {e.image_id for e in split_by_image(exs[::-1], 0.25)[1]} == {e.image_id for e in val}
+    with pytest.raises(ValueError, match="at least 2"):
+        split_by_image(exs[:1], 0.2)
+
+
+@pytest.fixture(scope="module")
+def user_photos(tmp_path_factory):
+    """A user's folder: orange circles and hexagon-named squares (new words), one listed photo
+    missing and one unreadable, captions in a CSV with paths relative to the folder."""
+    root = tmp_path_factory.mktemp("user_photos")
+    (root / "photos").mkdir()
+    rows = []
+    for i in range(10):
+        name = f"photos/orange_{i}.jpg"
+        draw((250, 140, 20), "circle", seed=1000 + i).save(root / name)
+        rows += [(name, "an orange circle on a white background"), (name, "a big orange circle")]
+    rows += [("photos/gone.jpg", "an orange circle"), ("photos/broken.jpg", "an orange circle")]
+    (root / "photos" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    with open(root / "captions.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("image", "caption"), *rows])
+    return root
+
+
+def test_finetune_writes_a_model_that_loads_like_any_other(tiny_run, user_photos, tmp_path, capsys):
+    from captioner.cli import main
+
+    _, start = tiny_run
+    out = tmp_path / "mine"
+    # replay: half the captions come from the tiny model's own training data (its cached features).
+    assert main(["finetune", "--data", str(user_photos / "captions.csv"), "--images", str(user_photos),
+                 "--from", str(start), "--out", str(out), "--epochs", "3", "--lr", "1e-2", "--replay", "0.5",
+                 "--device", "cpu", "--workers", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "2 images skipped" not in printed
+    assert "1 image skipped: missing file (photos/gone.jpg)" in printed
+    assert "1 image skipped: unreadable image (photos/broken.jpg)" in printed
+    assert "new words (2): orange an" in printed and "validation  BLEU-4" in printed
+    assert "starting model's dev" in printed  # the tiny model's dev features are cached: forgetting is measured
+
+    cap = Captioner.load(out / "best.pt", device="cpu")
+    old = Vocab.from_dict(checkpoint.load(start)["vocab"])
+    assert cap.vocab.itos == old.itos + ["orange", "an"]
+    assert isinstance(cap.caption(user_photos / "photos" / "orange_0.jpg")["caption"], str)
+    # 10 usable photos: 2 for validation, 8 for training, and as many replayed captions as own ones.
+    assert len((out / "val.jsonl").read_text().splitlines()) == 2
+    assert len((out / "train.jsonl").read_text().splitlines()) == 8
+    assert "train (xe): 8 images, 16 items" not in printed  # replay added captions of other images
+    assert "32 items" in printed
+
+    with pytest.raises(ValueError, match="already holds a fine-tuned model"):
+        finetune(user_photos / "captions.csv", out, images=user_photos, settings=Settings(start=str(start)))
+
+
+def test_finetune_with_a_validation_file_and_self_critical_epochs(tiny_run, user_photos, tmp_path):
+    import json
+
+    _, start = tiny_run
+    lines = (user_photos / "captions.csv").read_text().splitlines()
+    (tmp_path / "val.csv").write_text("\n".join(lines[:1] + lines[-6:]) + "\n")  # orange_8, orange_9 + the 2 bad
+    report = finetune(user_photos / "captions.csv", tmp_path / "run", images=user_photos, val=tmp_path / "val.csv",
+                      settings=Settings(start=str(start), epochs=2, lr=1e-2, self_critical=1, device="cpu", workers=0))
+    assert report.train_images == 10 and report.val_images == 2
+    assert report.skipped == {"missing file": ["photos/gone.jpg", "photos/gone.jpg"],
+                              "unreadable image": ["photos/broken.jpg", "photos/broken.jpg"]}
+    assert report.chosen in ("teacher forcing", "self-critical")
+    assert (tmp_path / "run" / "self_critical" / "best.pt").is_file()
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["new_words"] == ["orange", "an"]
+    assert "orange" in format_report(report, tmp_path / "run")
+    Captioner.load(tmp_path / "run" / "best.pt", device="cpu")
