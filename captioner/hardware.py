@@ -5,10 +5,8 @@ slower than fp32, so asking for bf16 there costs speed instead of saving it.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -43,16 +41,3 @@ def check_bf16(precision: str, device: torch.device, what: str) -> None:
     """Say once per process (and per `what`) that bf16 is slow here, when it is."""
     if precision == "bf16" and not fast_bf16(device):
         _warn_once(what)
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """torch's intra-op threads set to n inside the block, then back to what they were."""
-    before = torch.get_num_threads()
-    if before != n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if before != n:
-            torch.set_num_threads(before)

@@ -10,7 +10,6 @@ through `Captioner`; none of them builds a model by itself.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from .config import Config, DecodeConfig
 from .decoder import Decoder, Ensemble, build_decoder
 from .encoders import Encoder, build_encoder
 from .engine import ENGINES, encoder_runner
-from .hardware import check_bf16, torch_threads
+from .hardware import check_bf16
 from .search import Hypothesis, beam_search, greedy, sample
 from .vocab import Vocab
 
@@ -127,17 +126,12 @@ class Captioner:
         o = options or self.config.decode
         feats = feats.to(self.device, torch.float32)
         common = dict(start=self.vocab.start, end=self.vocab.end, max_len=o.max_len, banned=self.vocab.banned)
-        # A step's products are a few rows by the decoder's width: on a CPU, threads add more waiting
-        # on each other than they share work (measured in docs/speed.md), and a free core serves the
-        # decode workers and the encoder engine better.
-        with torch_threads(1) if self.device.type == "cpu" else contextlib.nullcontext():
-            if o.method == "beam":
-                return beam_search(self.decoder, feats, beam_size=o.beam_size, n_best=o.n_best,
-                                   length_penalty=o.length_penalty, alpha=o.alpha, **common)
-            if o.method == "greedy":
-                return greedy(self.decoder, feats, **common)
-            return sample(self.decoder, feats, temperature=o.temperature, top_k=o.top_k, generator=generator,
-                          **common)
+        if o.method == "beam":
+            return beam_search(self.decoder, feats, beam_size=o.beam_size, n_best=o.n_best,
+                               length_penalty=o.length_penalty, alpha=o.alpha, **common)
+        if o.method == "greedy":
+            return greedy(self.decoder, feats, **common)
+        return sample(self.decoder, feats, temperature=o.temperature, top_k=o.top_k, generator=generator, **common)
 
     def format(self, hyps: list[Hypothesis]) -> list[dict]:
         """One image's hypotheses -> [{"caption", "score"}, ...], best first."""
