@@ -182,18 +182,6 @@ class AttentionDecoder(nn.Module):
         z = (e.float().softmax(1).to(a.dtype)[..., None] * a).sum(1)
         return self.cell(torch.cat([x, v, z], 1), (h, c))
 
-    def _word_gates(self) -> torch.Tensor:
-        """W_x·x for every word of the vocabulary (V, 4H), fp32: a decoding step gathers its rows instead of
-        reading all of W_x for a few beams (the step is bound by memory traffic, not arithmetic).
-        Rebuilt when the weights change (an optimizer step or load_state_dict bumps their version)."""
-        embed, w_ih = self.embed.weight, self.rnn.weight_ih_l0
-        key = (embed._version, w_ih._version, embed.data_ptr(), w_ih.data_ptr(), w_ih.dtype, w_ih.device)
-        if getattr(self, "_word_gates_key", None) != key:
-            with torch.no_grad():
-                self._word_gates_table = F.linear(embed, w_ih[:, :embed.shape[1]]).float()
-            self._word_gates_key = key
-        return self._word_gates_table
-
     def step(self, ctx: torch.Tensor, tokens: torch.Tensor, state):
         a, keys = ctx.split(self.feat_dim, dim=2)
         h, c = (a.new_zeros(a.shape[0], self.hidden_dim),) * 2 if state is None else (state[0][0], state[1][0])
@@ -241,18 +229,6 @@ class Ensemble(nn.Module):
 
     def step_context(self, v: torch.Tensor) -> torch.Tensor:
         return torch.stack([m.step_context(x) for m, x in zip(self.members, v.unbind(1))], dim=1)
-
-    def _word_gates(self) -> torch.Tensor:
-        """W_x·x for every word of the vocabulary (V, 4H), fp32: a decoding step gathers its rows instead of
-        reading all of W_x for a few beams (the step is bound by memory traffic, not arithmetic).
-        Rebuilt when the weights change (an optimizer step or load_state_dict bumps their version)."""
-        embed, w_ih = self.embed.weight, self.rnn.weight_ih_l0
-        key = (embed._version, w_ih._version, embed.data_ptr(), w_ih.data_ptr(), w_ih.dtype, w_ih.device)
-        if getattr(self, "_word_gates_key", None) != key:
-            with torch.no_grad():
-                self._word_gates_table = F.linear(embed, w_ih[:, :embed.shape[1]]).float()
-            self._word_gates_key = key
-        return self._word_gates_table
 
     def step(self, ctx: torch.Tensor, tokens: torch.Tensor, state):
         steps = [m.step(c, tokens, s) for m, c, s in zip(self.members, ctx.unbind(1), state)]
