@@ -18,6 +18,7 @@ import math
 import os
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -163,32 +164,121 @@ def _plot(history: list[dict], path: Path) -> None:
 
 
 def train(cfg: Config, resume: bool = False) -> Trainable:
-    t = cfg.train
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    device = resolve_device(t.device)
-    if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)  # where all_gather_object puts its buffers
-    rank = dist.get_rank() if distributed else 0
-    world = dist.get_world_size() if distributed else 1
-    main = rank == 0
-    out = Path(t.out_dir)
-    seed_everything(rank_seed(t.seed, rank))
+    """Train, score dev BLEU-4 after every epoch, keep best.pt and last.pt; returns the trained model.
 
+    Reads top to bottom: set up (devices, data, model, optimizer), restore a stopped run,
+    then per epoch train, evaluate and log (rank 0), save, and stop early together."""
+    t = cfg.train
+    run = _setup(cfg, resume)
+    progress = _restore(run)
+    writer = _tensorboard(run.out) if run.main else None
+    if run.main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        print(f"train ({t.objective}): {len(run.train_ex)} images, {len(run.train_set)} items; dev: "
+              f"{len(run.dev_ex)} images; vocab {len(run.vocab)}; decoder "
+              f"{sum(p.numel() for p in run.decoder.parameters()) / 1e6:.2f}M params")
+    for epoch in range(progress.epoch + 1, t.epochs + 1):
+        if progress.bad_epochs >= t.patience or (t.max_steps and progress.step >= t.max_steps):
+            break
+        record = _train_epoch(run, epoch, progress)
+        improved = False
+        if run.main:
+            record |= _evaluate_dev(run)
+            improved = record["bleu4"] > progress.best
+            progress.best, progress.bad_epochs = ((record["bleu4"], 0) if improved
+                                                  else (progress.best, progress.bad_epochs + 1))
+            _log(run, record, progress, writer)
+        progress.epoch = epoch
+        _save(run, progress, improved)
+        if run.distributed:  # every rank follows rank 0's early-stopping decision
+            flag = torch.tensor([progress.bad_epochs], device=run.device)
+            dist.broadcast(flag, 0)
+            progress.bad_epochs = int(flag.item())
+    if writer:
+        writer.close()
+    if run.distributed:
+        dist.destroy_process_group()
+    return run.model
+
+
+@dataclass
+class _Run:
+    """Everything a run sets up once: where it runs, its data, model and optimizer."""
+    cfg: Config
+    device: torch.device
+    rank: int
+    world: int
+    state: dict | None  # last.pt's contents when resuming
+    vocab: Vocab
+    encoder: nn.Module
+    decoder: nn.Module
+    model: Trainable
+    ddp_model: nn.Module
+    train_ex: list
+    dev_ex: list
+    dev_src: object  # cached dev features, or the dev images when fine-tuning the encoder
+    train_set: object
+    batches: LengthBatches
+    loader: DataLoader
+    dev_loader: DataLoader
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    reward: object = None  # scst: the reward function
+    references: list | None = None  # scst with scst_xe_weight: the training captions as ids
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.train.out_dir)
+
+
+@dataclass
+class _Progress:
+    epoch: int = 0  # the last finished epoch
+    best: float = -1.0  # best dev BLEU-4 so far
+    bad_epochs: int = 0  # epochs since it last improved
+    step: int = 0
+    history: list = field(default_factory=list)  # one record per epoch (metrics.jsonl)
+
+
+def _check(t: TrainConfig) -> None:
+    if t.objective not in ("xe", "scst"):
+        raise ValueError(f"unknown objective {t.objective!r}; choose xe or scst")
+    if t.precision not in ("fp32", "bf16"):
+        raise ValueError(f"unknown precision {t.precision!r}; choose fp32 or bf16")
+    if t.objective == "scst" and not t.init_from:
+        raise ValueError("objective scst fine-tunes a trained model: set train.init_from to its checkpoint")
+
+
+def _init_distributed(t: TrainConfig) -> tuple[torch.device, int, int]:
+    """(device, rank, world size); under torchrun, the process group is started here."""
+    device = resolve_device(t.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device, 0, 1
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)  # where all_gather_object puts its buffers
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+def _setup(cfg: Config, resume: bool) -> _Run:
+    t = cfg.train
+    device, rank, world = _init_distributed(t)
+    seed_everything(rank_seed(t.seed, rank))
     train_ex = load_split(cfg.data, cfg.data.train_split)
     dev_all = load_split(cfg.data, cfg.data.dev_split)
     dev_ex = dev_all[: t.dev_images] if t.dev_images else dev_all
-    if t.objective not in ("xe", "scst"):
-        raise ValueError(f"unknown objective {t.objective!r}; choose xe or scst")
-    scst = t.objective == "scst"
-    if t.precision not in ("fp32", "bf16"):
-        raise ValueError(f"unknown precision {t.precision!r}; choose fp32 or bf16")
+    _check(t)
     check_bf16(t.precision, device, "train.precision")
-    if scst and not t.init_from:
-        raise ValueError("objective scst fine-tunes a trained model: set train.init_from to its checkpoint")
-    state = checkpoint.load(out / "last.pt") if resume else None
+    state = checkpoint.load(Path(t.out_dir) / "last.pt") if resume else None
     init = checkpoint.load(t.init_from) if t.init_from and not state else None
     if init and isinstance(init["decoder"], list):
         raise ValueError(f"train.init_from={t.init_from} is an ensemble; start from one of its members' checkpoints")
@@ -217,10 +307,10 @@ def train(cfg: Config, resume: bool = False) -> Trainable:
         decoder.load_state_dict(start["decoder"])
         if finetune and start.get("encoder"):
             encoder.load_state_dict(start["encoder"])
-    ddp_model = nn.parallel.DistributedDataParallel(model) if distributed else model
+    ddp_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
-    dev_set = CaptionDataset(dev_ex, vocab, dev_src, cfg.data.max_caption_len)
-    if scst:  # batches of images; all "lengths" equal, so LengthBatches just shuffles (and shards for DDP)
+    reward = references = None
+    if t.objective == "scst":  # batches of images; all "lengths" equal, so LengthBatches just shuffles (and shards)
         train_set, train_collate = Images(train_src), None
         lengths = [1] * len(train_set)
         reward = reward_function(t.scst_reward, [[tokenize(c) for c in ex.captions] for ex in train_ex])
@@ -231,111 +321,111 @@ def train(cfg: Config, resume: bool = False) -> Trainable:
         lengths = [len(ids) for _, ids in train_set.pairs]
     batches = LengthBatches(lengths, t.batch_size, t.seed, rank, world)
     loader = DataLoader(train_set, batch_sampler=batches, collate_fn=train_collate, num_workers=t.num_workers)
-    dev_loader = DataLoader(dev_set, batch_size=512, collate_fn=collate)
-    total_steps = t.epochs * len(loader)  # max_steps only cuts a run short; the schedule stays the same
+    dev_loader = DataLoader(CaptionDataset(dev_ex, vocab, dev_src, cfg.data.max_caption_len), batch_size=512,
+                            collate_fn=collate)
     optimizer = make_optimizer(model.parameters(), t)
+    total_steps = t.epochs * len(loader)  # max_steps only cuts a run short; the schedule stays the same
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    return _Run(cfg, device, rank, world, state, vocab, encoder, decoder, model, ddp_model, train_ex, dev_ex,
+                dev_src, train_set, batches, loader, dev_loader, optimizer, scheduler, reward, references)
 
-    first_epoch, best, bad_epochs, step, history = 1, -1.0, 0, 0, []
-    if state:
-        ts = state["train_state"]
-        optimizer.load_state_dict(ts["optimizer"])
-        scheduler.load_state_dict(ts["scheduler"])
-        states = ts["rng"] if isinstance(ts["rng"], list) else [ts["rng"]]  # a dict: saved by one process
-        if len(states) == world:
-            set_rng_state(states[rank], device)
-        elif main:
-            print(f"resume: last.pt holds the random state of {len(states)} processes, this run has {world}: "
-                  "it goes on from the seeds it started with, not exactly where the run stopped")
-        first_epoch, best, bad_epochs, step = ts["epoch"] + 1, ts["best"], ts["bad_epochs"], ts["step"]
-        history = json.loads(ts["history"])
-    writer = _tensorboard(out) if main else None
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        print(f"train ({t.objective}): {len(train_ex)} images, {len(train_set)} items; dev: {len(dev_ex)} images; "
-              f"vocab {len(vocab)}; decoder {sum(p.numel() for p in decoder.parameters()) / 1e6:.2f}M params")
+
+def _restore(run: _Run) -> _Progress:
+    """Where a resumed run stopped (optimizer, schedule, random generators, counters); a new run's start."""
+    if not run.state:
+        return _Progress()
+    ts = run.state["train_state"]
+    run.optimizer.load_state_dict(ts["optimizer"])
+    run.scheduler.load_state_dict(ts["scheduler"])
+    states = ts["rng"] if isinstance(ts["rng"], list) else [ts["rng"]]  # a dict: saved by one process
+    if len(states) == run.world:
+        set_rng_state(states[run.rank], run.device)
+    elif run.main:
+        print(f"resume: last.pt holds the random state of {len(states)} processes, this run has {run.world}: "
+              "it goes on from the seeds it started with, not exactly where the run stopped")
+    return _Progress(ts["epoch"], ts["best"], ts["bad_epochs"], ts["step"], json.loads(ts["history"]))
+
+
+def _train_epoch(run: _Run, epoch: int, progress: _Progress) -> dict:
+    """One pass over the training batches (or up to max_steps); returns the epoch's record so far."""
+    t, scst = run.cfg.train, run.cfg.train.objective == "scst"
 
     def step_loss(batch):  # (loss, the reward's score of the samples for scst, else None)
         if scst:
             inputs, idx = batch
-            return self_critical_loss(ddp_model, inputs.to(device), idx.tolist(), reward, vocab, t.scst_samples,
-                                      cfg.decode.max_len, references, t.scst_xe_weight)
+            return self_critical_loss(run.ddp_model, inputs.to(run.device), idx.tolist(), run.reward, run.vocab,
+                                      t.scst_samples, run.cfg.decode.max_len, run.references, t.scst_xe_weight)
         inputs, tokens, targets = batch
-        return caption_loss(ddp_model(inputs.to(device), tokens.to(device)), targets.to(device),
+        return caption_loss(run.ddp_model(inputs.to(run.device), tokens.to(run.device)), targets.to(run.device),
                             t.label_smoothing), None
 
-    for epoch in range(first_epoch, t.epochs + 1):
-        if bad_epochs >= t.patience or (t.max_steps and step >= t.max_steps):
+    # A frozen encoder is not part of `model`, so it stays in eval mode. scst samples and
+    # scores with one policy: no dropout.
+    run.model.train(not scst)
+    run.batches.set_epoch(epoch)
+    tic, total, count = time.time(), 0.0, 0
+    bar = tqdm(run.loader, desc=f"epoch {epoch}", disable=not run.main, leave=False)
+    for batch in bar:
+        # Weights and Adam stay fp32; bf16 only for the forward's matmuls (and the LSTM).
+        with torch.autocast(run.device.type, torch.bfloat16, enabled=t.precision == "bf16"):
+            loss, r = step_loss(batch)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(run.model.parameters(), t.grad_clip)
+        run.optimizer.step()
+        run.scheduler.step()
+        progress.step += 1
+        total, count = total + (r if scst else loss.item()), count + 1
+        if progress.step % t.log_every == 0:
+            bar.set_postfix({"reward" if scst else "loss": f"{total / count:.3f}",
+                             "lr": f"{run.scheduler.get_last_lr()[0]:.2e}"})
+        if t.max_steps and progress.step >= t.max_steps:
             break
-        # A frozen encoder is not part of `model`, so it stays in eval mode. scst samples and
-        # scores with one policy: no dropout.
-        model.train(not scst)
-        batches.set_epoch(epoch)
-        tic, total, count = time.time(), 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch}", disable=not main, leave=False)
-        for batch in bar:
-            # Weights and Adam stay fp32; bf16 only for the forward's matmuls (and the LSTM).
-            with torch.autocast(device.type, torch.bfloat16, enabled=t.precision == "bf16"):
-                loss, r = step_loss(batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            total, count = total + (r if scst else loss.item()), count + 1
-            if step % t.log_every == 0:
-                bar.set_postfix({"reward" if scst else "loss": f"{total / count:.3f}",
-                                 "lr": f"{scheduler.get_last_lr()[0]:.2e}"})
-            if t.max_steps and step >= t.max_steps:
-                break
-        record = {"epoch": epoch, "step": step, "train_reward" if scst else "train_loss": total / max(1, count),
-                  "lr": scheduler.get_last_lr()[0],
-                  "epoch_seconds": round(time.time() - tic, 1)}
-        improved = False
-        if main:
-            model.eval()
-            with torch.inference_mode():
-                dev_losses = [caption_loss(model(x.to(device), y.to(device)), z.to(device)).item()
-                              for x, y, z in dev_loader]
-            record["dev_loss"] = float(np.mean(dev_losses))
-            captioner = Captioner(encoder, decoder, vocab, cfg, device, engine="torch")  # weights change every epoch
-            if finetune:
-                with torch.inference_mode():
-                    dev_images = DataLoader(dev_src, batch_size=64)
-                    dev_feats = torch.cat([captioner.encode(x) for x in dev_images]).cpu().numpy()
-            else:
-                dev_feats = dev_src
-            record.update(evaluate_bleu(captioner, dev_feats, dev_ex))
-            improved = record["bleu4"] > best
-            best, bad_epochs = (record["bleu4"], 0) if improved else (best, bad_epochs + 1)
-            history.append(record)
-            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}))
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if writer:
-                for k, v in record.items():
-                    writer.add_scalar(k, v, epoch)
-            _plot(history, out / "curve.png")
-        rngs = _all_rng_states(device, distributed)  # after rank 0's evaluation, which draws from them too
-        if main:
-            payload = dict(config=cfg.to_dict(), vocab=vocab.to_dict(), decoder=decoder.state_dict(),
-                           encoder=encoder.state_dict() if finetune else None)
-            if improved:
-                checkpoint.save(out / "best.pt", **payload)
-            train_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                           "rng": rngs, "epoch": epoch, "best": best, "bad_epochs": bad_epochs,
-                           "step": step, "history": json.dumps(history)}
-            checkpoint.save(out / "last.pt", **payload, train_state=train_state)
-        if distributed:  # every rank follows rank 0's early-stopping decision
-            flag = torch.tensor([bad_epochs], device=device)
-            dist.broadcast(flag, 0)
-            bad_epochs = int(flag.item())
-    if main and writer:
-        writer.close()
-    if distributed:
-        dist.destroy_process_group()
-    return model
+    return {"epoch": epoch, "step": progress.step, "train_reward" if scst else "train_loss": total / max(1, count),
+            "lr": run.scheduler.get_last_lr()[0], "epoch_seconds": round(time.time() - tic, 1)}
+
+
+def _evaluate_dev(run: _Run) -> dict:
+    """Dev loss (teacher forcing) and dev BLEU of decoded captions, through a Captioner as inference does."""
+    run.model.eval()
+    device = run.device
+    with torch.inference_mode():
+        dev_losses = [caption_loss(run.model(x.to(device), y.to(device)), z.to(device)).item()
+                      for x, y, z in run.dev_loader]
+    captioner = Captioner(run.encoder, run.decoder, run.vocab, run.cfg, device, engine="torch")  # weights change
+    if run.cfg.model.finetune_encoder:
+        with torch.inference_mode():
+            dev_feats = torch.cat([captioner.encode(x) for x in DataLoader(run.dev_src, batch_size=64)]).cpu().numpy()
+    else:
+        dev_feats = run.dev_src
+    return {"dev_loss": float(np.mean(dev_losses)), **evaluate_bleu(captioner, dev_feats, run.dev_ex)}
+
+
+def _log(run: _Run, record: dict, progress: _Progress, writer) -> None:
+    progress.history.append(record)
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}))
+    with open(run.out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if writer:
+        for k, v in record.items():
+            writer.add_scalar(k, v, record["epoch"])
+    _plot(progress.history, run.out / "curve.png")
+
+
+def _save(run: _Run, progress: _Progress, improved: bool) -> None:
+    """best.pt when dev BLEU improved, and last.pt with what --resume needs (rank 0 writes)."""
+    rngs = _all_rng_states(run.device, run.distributed)  # after rank 0's evaluation, which draws from them too
+    if not run.main:
+        return
+    finetune = run.cfg.model.finetune_encoder
+    payload = dict(config=run.cfg.to_dict(), vocab=run.vocab.to_dict(), decoder=run.decoder.state_dict(),
+                   encoder=run.encoder.state_dict() if finetune else None)
+    if improved:
+        checkpoint.save(run.out / "best.pt", **payload)
+    train_state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                   "rng": rngs, "epoch": progress.epoch, "best": progress.best, "bad_epochs": progress.bad_epochs,
+                   "step": progress.step, "history": json.dumps(progress.history)}
+    checkpoint.save(run.out / "last.pt", **payload, train_state=train_state)
 
 
 def _tensorboard(out: Path):
