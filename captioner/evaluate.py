@@ -1,7 +1,8 @@
 """Scoring a whole split: where the captions come from, which images count, one report.
 
 The captions to score come from one of three places:
-  - a model: every usable image of the split is captioned through `Captioner`;
+  - a model: every usable image of the split is captioned through `Captioner` (training's dev
+    score decodes its cached features instead, `evaluate_bleu`, and scores them the same way);
   - a results file made elsewhere (COCO results format, `[{"image_id", "caption"}]`);
   - the references themselves (`human=True`), the human ceiling: each reference in turn
     is the hypothesis and the image's *other* references are its references. All
@@ -87,7 +88,7 @@ def training_captions(data, fmt: str, split: str | None) -> list[str] | None:
         return None
 
 
-# -- the three sources of captions ------------------------------------------------------
+# -- the sources of captions ------------------------------------------------------------
 def caption_split(captioner, examples: list[Example], batch_size: int = 32, workers: int = 0,
                   progress: bool = True, options=None) -> Captions:
     """Caption every image that exists and has references through `captioner` (options: its
@@ -117,6 +118,25 @@ def caption_split(captioner, examples: list[Example], batch_size: int = 32, work
                 out.add(ex.image_id, results[0]["caption"], ex.captions)
         done += len(batch)
     return out
+
+
+def decode_features(captioner, feats, batch_size: int = 500) -> list[str]:
+    """Captions of cached features (the model's own decoding settings).
+    feats: an (N, D) array (a memmapped cache or in memory), one row per image."""
+    import numpy as np
+    import torch
+
+    hyps = []
+    for i in range(0, len(feats), batch_size):
+        batch = torch.as_tensor(np.array(feats[i:i + batch_size], dtype=np.float32))
+        hyps += [captioner.vocab.decode(h[0].tokens) for h in captioner.decode(batch)]
+    return hyps
+
+
+def evaluate_bleu(captioner, feats, examples, batch_size: int = 500) -> dict[str, float]:
+    """BLEU of the captions decoded from cached features (training's dev score); feats: one row per example."""
+    hyps = decode_features(captioner, feats[:len(examples)], batch_size)
+    return metrics.bleu(hyps, [ex.captions for ex in examples])
 
 
 def read_results(path: str | Path, examples: list[Example]) -> tuple[Captions, list]:

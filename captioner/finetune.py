@@ -34,12 +34,12 @@ import yaml
 from . import checkpoint
 from .config import Config, DataConfig, TrainConfig
 from .data import FORMATS, Example, detect_format, load_split
-from .evaluate import MISSING_FILE, NO_REFERENCES, SHOW_SKIPPED, UNREADABLE
+from .evaluate import MISSING_FILE, NO_REFERENCES, SHOW_SKIPPED, UNREADABLE, decode_features
 from .features import StaleCache, open_features
 from .images import ImageError, load_image
 from .inference import DEFAULT_CHECKPOINT, Captioner
 from .metrics import CiderD, bleu
-from .train import decode_features, extract_all, train
+from .train import extract_all, train
 from .vocab import Vocab, tokenize
 
 

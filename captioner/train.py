@@ -36,7 +36,7 @@ from .encoders import build_encoder
 from .features import extract, open_features
 from .hardware import check_bf16
 from .inference import Captioner, resolve_device
-from .metrics import bleu
+from .evaluate import evaluate_bleu
 from .scst import Images, reward_function, self_critical_loss
 from .vocab import Vocab, tokenize
 
@@ -124,21 +124,6 @@ def make_optimizer(params, t: TrainConfig) -> torch.optim.Adam:
     params = [p for p in params if p.requires_grad]
     fused = params[0].device.type in ("cpu", "cuda")
     return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused)
-
-
-def decode_features(captioner: Captioner, feats, batch_size: int = 500) -> list[str]:
-    """Captions of cached features (the model's own decoding settings).
-    feats: an (N, D) array (a memmapped cache or in memory), one row per image."""
-    hyps = []
-    for i in range(0, len(feats), batch_size):
-        batch = torch.as_tensor(np.array(feats[i:i + batch_size], dtype=np.float32))
-        hyps += [captioner.vocab.decode(h[0].tokens) for h in captioner.decode(batch)]
-    return hyps
-
-
-def evaluate_bleu(captioner: Captioner, feats, examples, batch_size: int = 500) -> dict[str, float]:
-    """Dev BLEU of decoded captions, not teacher-forced; feats: one row per example."""
-    return bleu(decode_features(captioner, feats[:len(examples)], batch_size), [ex.captions for ex in examples])
 
 
 def _plot(history: list[dict], path: Path) -> None:

@@ -27,7 +27,7 @@ from captioner.config import load_config
 from captioner.data import load_flickr8k, load_split
 from captioner.features import open_features
 from captioner.finetune import scores, write_jsonl
-from captioner.train import decode_features
+from captioner.evaluate import decode_features
 from captioner.vocab import tokenize
 
 BICYCLE = "bike bikes bicycle bicycles biker bikers bicyclist bicyclists cyclist cyclists bmx"

@@ -14,7 +14,7 @@ import sys
 from captioner import Captioner
 from captioner.data import load_split
 from captioner.features import open_features
-from captioner.train import evaluate_bleu
+from captioner.evaluate import evaluate_bleu
 
 
 def main() -> None:
