@@ -285,7 +285,7 @@ class ImageFiles(Dataset):
         try:
             return FileItem(self.names[i], self.preprocess(self.paths[i]), None)
         except ImageError as e:
-            return FileItem(self.names[i], None, str(e))
+            return FileItem(self.names[i], None, str(e) or "cannot read image")
         except Exception as e:  # a decoder bug on one odd file must not end the whole run
             return FileItem(self.names[i], None, f"cannot read image: {type(e).__name__}: {e}")
 

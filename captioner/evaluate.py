@@ -71,16 +71,16 @@ def load_examples(data: str | Path, split: str | None = None, images: str | Path
         raise ValueError(f"{data} is a {fmt} dataset with several splits: give --split (e.g. dev or test)")
     if fmt != "flickr8k" and images is None:
         if need_images:
-            raise ValueError(f"a {fmt} JSON names images but does not hold them: give --images (the image folder)")
+            raise ValueError(f"a {fmt} dataset names images but does not hold them: give --images (the image folder)")
         images = "."  # image paths are never opened when scoring given captions
     cfg = DataConfig(format=fmt, root=str(data), images=None if images is None else str(images))
     return fmt, load_split(cfg, split)
 
 
 def training_captions(data, fmt: str, split: str | None) -> list[str] | None:
-    """The training split's captions of the same dataset; None for a COCO file (it holds one split) or
-    a dataset without a train split."""
-    if fmt == "coco" or split == "train":
+    """The training split's captions of the same dataset; None for a one-split file (COCO, CSV,
+    JSONL) or a dataset without a train split."""
+    if fmt in ONE_SPLIT_FORMATS or split == "train":
         return None
     try:
         return [c for ex in load_examples(data, "train", need_images=False)[1] for c in ex.captions]
@@ -112,7 +112,7 @@ def caption_split(captioner, examples: list[Example], batch_size: int = 32, work
     for batch in tqdm(batches, desc="captioning", unit="batch", disable=not progress, file=sys.stderr,
                       total=-(-len(usable) // batch_size)):
         for ex, (_, results, error) in zip(usable[done:], batch):
-            if error:
+            if results is None:
                 out.skip(UNREADABLE, ex.image_id)
             else:
                 out.add(ex.image_id, results[0]["caption"], ex.captions)
@@ -214,8 +214,8 @@ def evaluate(data, split=None, images=None, *, checkpoint=None, device="auto", p
         captioner = Captioner.load(checkpoint, device=device, precision=precision, engine=engine)
         options = captioner.options(**decode_options)
         report["checkpoint"] = str(checkpoint) if checkpoint else "default model"
-        report["decode"] = {k: getattr(options, k) for k in ("method", "beam_size", "max_len", "length_penalty",
-                                                             "alpha", "precision", "engine")}
+        report["decode"] = {**{k: getattr(options, k) for k in ("method", "beam_size", "max_len", "length_penalty",
+                                                                "alpha", "precision")}, "engine": captioner.engine}
         captions = caption_split(captioner, examples, batch_size, workers, progress, options)
 
     skipped = {reason: len(ids) for reason, ids in captions.skipped.items()}

@@ -27,6 +27,7 @@ from torchvision import transforms as T
 from . import __version__, engine
 from .decoder import AttentionDecoder, Decoder, Ensemble
 from .encoders import DRAFT_SIZE
+from .files import UMASK
 from .inference import Captioner
 from .runtime import FORMAT, FORMAT_VERSION, MANIFEST, file_sha256
 
@@ -153,7 +154,7 @@ def export_bundle(cap: Captioner, out: str | Path, *, source: str = "", int8_dec
             "preprocess": prep,
             "decode": {"beam_size": config.decode.beam_size, "max_len": config.decode.max_len,
                        "length_penalty": config.decode.length_penalty, "alpha": config.decode.alpha,
-                       "banned": [cap.vocab.pad, cap.vocab.start, cap.vocab.unk],
+                       "banned": list(cap.vocab.banned),
                        "start": cap.vocab.start, "end": cap.vocab.end},
             "decoder": {"state": state, "state_shape": [decoder.num_layers, "rows", decoder.rnn.hidden_size],
                         "int8_step": int8_decoder,
@@ -162,11 +163,9 @@ def export_bundle(cap: Captioner, out: str | Path, *, source: str = "", int8_dec
             "model": dataclasses.asdict(config.model),
         }
         (work / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        umask = os.umask(0)
-        os.umask(umask)
         for f in work.iterdir():  # the temporary files were private (0600): a bundle is for sharing
-            f.chmod(0o666 & ~umask)
-        work.chmod(0o777 & ~umask)
+            f.chmod(0o666 & ~UMASK)
+        work.chmod(0o777 & ~UMASK)
         # Swap the finished folder in: a reader never sees half a bundle.
         old = None
         if out.exists():

@@ -14,6 +14,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _read_umask() -> int:
+    # Read once, at import: setting the umask to read it is process-wide, unsafe once threads write files.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+UMASK = _read_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path to write; on success it is fsync'd and renamed to `path`, on error removed."""
@@ -21,9 +31,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should read like any file written
+    os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600; the result should read like any file written
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as f:

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from .config import DecodeConfig
 from .data import FileItem, ImageFiles
+from .files import atomic_path
 from .inference import Captioner
 
 DEFAULT_EXTS = ("jpg", "jpeg", "png", "gif", "bmp", "webp", "tif", "tiff")
@@ -251,9 +252,8 @@ class OutputFile:
         last = _last_per_image(rows)
         if len(last) == len(rows):
             return 0
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        _write(tmp, self._encode(list(last.values()), header=self.csv), os.O_TRUNC)
-        os.replace(tmp, self.path)
+        with atomic_path(self.path) as tmp:
+            tmp.write_bytes(self._encode(list(last.values()), header=self.csv))
         _fsync_dir(self.path.parent)
         return len(rows) - len(last)
 
@@ -341,10 +341,10 @@ def _caption_files(captioner: Captioner, root: Path, names: list[str], output: O
     with tqdm(total=summary["total"], initial=summary["skipped"], unit="img", desc="caption-dir",
               disable=not progress, dynamic_ncols=True) as bar:
         for batch in caption_files(captioner, root, names, options, batch_size=batch_size, workers=workers):
-            rows = [{"image": name, "error": error} if error else {"image": name, **results[0]}
+            rows = [{"image": name, "error": error} if results is None else {"image": name, **results[0]}
                     for name, results, error in batch]
             output.append(rows)
-            n_err = sum(error is not None for _, _, error in batch)
+            n_err = sum(results is None for _, results, _ in batch)
             summary["errors"] += n_err
             summary["captioned"] += len(rows) - n_err
             bar.update(len(rows))
@@ -367,4 +367,4 @@ def caption_files(captioner: Captioner, root: Path, names: list[str], options: D
         found = iter([])
         if batch.pixels is not None:
             found = iter([captioner.format(h) for h in captioner.decode(captioner.encode(batch.pixels), options)])
-        yield [(it.name, None, it.error) if it.error else (it.name, next(found), None) for it in batch.items]
+        yield [(it.name, None, it.error) if it.pixels is None else (it.name, next(found), None) for it in batch.items]

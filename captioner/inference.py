@@ -33,8 +33,6 @@ TRAIN_HINT = (
 )
 
 
-# JPEGs decode at a reduced scale still >= this many pixels a side: much faster for large photos.
-
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 

@@ -29,7 +29,7 @@ from starlette.datastructures import Headers
 from . import __version__
 from .images import ImageError, ImageTooLarge, open_image
 from .inference import Captioner
-from .limits import MAX_BEAM, MAX_LEN, Limits, Overloaded, PixelBudget
+from .limits import MAX_BEAM, MAX_LEN, MAX_N_BEST, Limits, Overloaded, PixelBudget
 from .microbatch import Batcher
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ def create_app(captioner: Captioner, limits: Limits = Limits(), ui: bool = True)
                          503: {"description": "at capacity: retry after the Retry-After header's seconds"}})
     async def captions(images: list[UploadFile] = File(..., description="one or more images, field repeated"),
                        beam_size: int | None = Form(None, ge=1, le=MAX_BEAM, description="default: the model's"),
-                       n_best: int = Form(1, ge=1, le=MAX_BEAM, description="captions per image, <= beam_size"),
+                       n_best: int = Form(1, ge=1, le=MAX_N_BEST, description="captions per image, <= beam_size"),
                        max_len: int | None = Form(None, ge=1, le=MAX_LEN, description="longest caption in words")):
         if len(images) > limits.max_files:
             raise HTTPException(413, f"too many files: {len(images)}, the limit is {limits.max_files}")

@@ -242,3 +242,21 @@ def test_coco_caption_metrics_on_a_results_file_with_an_empty_caption(tiny_data,
     nltk = [100 * bp * math.prod(g / (g + 1) for g in ngrams[:n]) ** (1 / n) for n in (1, 2, 3, 4)]
     assert [r[f"bleu{n}"] for n in (1, 2, 3, 4)] == pytest.approx(nltk, abs=1e-9)
     assert all(0 < r[k] <= 100 for k in ("meteor", "rouge_l")) and r["cider"] > 0
+
+
+def test_model_evaluation_on_a_csv_dataset(tiny_data, tiny_checkpoint, tmp_path, capsys):
+    """A CSV is one split: no --split, no training split to compare with, and the engine asked for is reported."""
+    examples = load_flickr8k(tiny_data, "dev")
+    data = tmp_path / "dev.csv"
+    with open(data, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "caption"])
+        writer.writerows((ex.path.name, c) for ex in examples for c in ex.captions)
+    rc, out, _ = run_cli(capsys, "--data", str(data), "--images", str(tiny_data / "Flicker8k_Dataset"),
+                         "--checkpoint", str(tiny_checkpoint), "--engine", "torch", "--workers", "0", "--no-coco",
+                         "--json")
+    assert rc == 0
+    report = json.loads(out)
+    assert report["n_images"] == len(examples)
+    assert "verbatim_train_pct" not in report and report["vocab_used"] > 0
+    assert report["decode"]["engine"] == "torch"
