@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .encoders import Encoder
-from .files import atomic_path, write_atomic
+from .files import atomic_path, file_sha256, write_atomic
 
 ENGINES = ("auto", "onnxruntime", "torch")
 # Bump when the exported graph changes for the same weights (opset, input/output names).
@@ -64,10 +64,6 @@ def weights_checksum(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def export_onnx(module: torch.nn.Module, example: tuple, path: str | Path, *, input_names: list[str],
                 output_names: list[str], dynamic_shapes) -> None:
     """torch.onnx.export (the torch.export-based exporter) into `path`, atomically."""
@@ -91,7 +87,7 @@ def encoder_onnx(encoder: Encoder, folder: str | Path | None = None) -> Path:
 
     def valid() -> bool:
         try:
-            return json.loads(meta.read_text())["sha256"] == _file_sha256(path)
+            return json.loads(meta.read_text())["sha256"] == file_sha256(path)
         except (OSError, ValueError, KeyError, TypeError):
             return False
 
@@ -105,7 +101,7 @@ def encoder_onnx(encoder: Encoder, folder: str | Path | None = None) -> Path:
             example = (torch.zeros(2, 3, encoder.input_size, encoder.input_size),)
             export_onnx(encoder, example, path, input_names=["pixels"], output_names=["features"],
                         dynamic_shapes={"images": {0: torch.export.Dim("batch")}})
-            write_atomic(meta, json.dumps({"sha256": _file_sha256(path), "encoder": encoder.name,
+            write_atomic(meta, json.dumps({"sha256": file_sha256(path), "encoder": encoder.name,
                                            "torch": torch.__version__, "opset": OPSET}))
     return path
 

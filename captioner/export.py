@@ -27,9 +27,9 @@ from torchvision import transforms as T
 from . import __version__, engine
 from .decoder import AttentionDecoder, Decoder, Ensemble
 from .encoders import DRAFT_SIZE
-from .files import UMASK
+from .files import UMASK, file_sha256
 from .inference import Captioner
-from .runtime import FORMAT, FORMAT_VERSION, MANIFEST, file_sha256
+from .runtime import FORMAT, FORMAT_VERSION, MANIFEST
 
 FILES = {"encoder": "encoder.onnx", "decoder_init": "decoder_init.onnx", "decoder_step": "decoder_step.onnx"}
 

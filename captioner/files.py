@@ -1,13 +1,15 @@
 """Crash-safe file writes: a reader (or a run after a crash) sees the old file or the whole new one.
 
 Everything captioner writes whole (checkpoints, ONNX exports, feature-cache metadata,
-evaluation reports) goes through `atomic_path`: write a temporary file beside the target,
-fsync it, rename it over the target. Appended result rows are the one exception
+evaluation reports, a compacted caption-dir output) goes through `atomic_path`: write a
+temporary file beside the target, fsync it, rename it over the target, fsync the folder
+so the rename itself survives a crash. Appended result rows are the one exception
 (folder.OutputFile, which fsyncs each append).
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -37,11 +39,30 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Make the folder's entries (a new or renamed file) durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
     return Path(path)
+
+
+def file_sha256(path: str | Path) -> str:
+    """A file's SHA-256, read in blocks (ONNX graphs are tens of MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

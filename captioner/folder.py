@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from .config import DecodeConfig
 from .data import FileItem, ImageFiles
-from .files import atomic_path
+from .files import fsync_dir, write_atomic
 from .inference import Captioner
 
 DEFAULT_EXTS = ("jpg", "jpeg", "png", "gif", "bmp", "webp", "tif", "tiff")
@@ -238,9 +238,9 @@ class OutputFile:
     def append(self, rows: list[dict]) -> None:
         """Append rows in one write, then fsync: after a crash the file holds whole rows and at most one torn row."""
         new = not self.path.exists() or self.path.stat().st_size == 0
-        _write(self.path, self._encode(rows, header=new), os.O_APPEND)
+        _append(self.path, self._encode(rows, header=new))
         if new:  # make the new file's directory entry durable too
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
 
     def compact(self) -> int:
         """Keep only each image's last row, where a retry left two; returns how many rows went.
@@ -252,9 +252,7 @@ class OutputFile:
         last = _last_per_image(rows)
         if len(last) == len(rows):
             return 0
-        with atomic_path(self.path) as tmp:
-            tmp.write_bytes(self._encode(list(last.values()), header=self.csv))
-        _fsync_dir(self.path.parent)
+        write_atomic(self.path, self._encode(list(last.values()), header=self.csv))
         return len(rows) - len(last)
 
 
@@ -265,8 +263,8 @@ def _last_per_image(rows: list[dict]) -> dict[str, dict]:
     return last
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | mode, 0o644)
+def _append(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
         view = memoryview(data)
         while view:
@@ -274,14 +272,6 @@ def _write(path: Path, data: bytes, mode: int) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _fsync_dir(folder: Path) -> None:
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _background_worker(_worker_id: int) -> None:

@@ -16,7 +16,6 @@ the k live prefixes; length penalty none, avg or wu; <pad>, <start> and <unk> ba
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from .files import file_sha256
 from .images import load_image
 from .vocab import Vocab
 
@@ -37,14 +37,6 @@ PENALTIES = ("none", "avg", "wu")
 
 class BundleError(ValueError):
     """The folder is not a bundle this runtime can run; the message says why."""
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def ort_session(path: str | Path, threads: int | None = None, spin: bool = True) -> ort.InferenceSession:

@@ -10,6 +10,7 @@ import torch
 
 from conftest import FLICKR8K, ROOT, requires_flickr8k
 from captioner import engine
+from captioner.files import file_sha256
 from captioner.encoders import build_encoder
 from captioner.inference import Captioner
 
@@ -55,7 +56,7 @@ def test_the_export_is_reused_and_a_corrupt_one_is_exported_again(tmp_path):
     path.write_bytes(data)
     assert engine.encoder_onnx(encoder, tmp_path) == path
     assert path.read_bytes() != bytes(data)
-    assert json.loads(path.with_suffix(".json").read_text())["sha256"] == engine._file_sha256(path)
+    assert json.loads(path.with_suffix(".json").read_text())["sha256"] == file_sha256(path)
 
     path.write_bytes(path.read_bytes()[:1000])  # torn
     session = engine.ort_session(engine.encoder_onnx(encoder, tmp_path))
