@@ -106,6 +106,8 @@ class Decoder(nn.Module):
         reading all of W_x for a few beams (the step is bound by memory traffic, not arithmetic).
         Rebuilt when the weights change (an optimizer step or load_state_dict bumps their version)."""
         embed, w_ih = self.embed.weight, self.rnn.weight_ih_l0
+        if torch.compiler.is_exporting():  # traced weights have no storage to key the cache on; in the
+            return F.linear(embed, w_ih[:, :embed.shape[1]]).float()  # graph it is a constant onnxruntime folds
         key = (embed._version, w_ih._version, embed.data_ptr(), w_ih.data_ptr(), w_ih.dtype, w_ih.device)
         if getattr(self, "_word_gates_key", None) != key:
             with torch.no_grad():

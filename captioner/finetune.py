@@ -206,7 +206,7 @@ def finetune(data: str | Path, out: str | Path, *, fmt: str = "auto", images: st
     extract_all(cfg, num_workers=s.workers)
     val_ex = load_split(cfg.data, "val")  # as training reads it: ids are the paths in OUT/val.jsonl
     before = Captioner.from_payload(base, device=s.device)
-    val_feats = open_features(cfg.data.feature_cache, "val", val_ex, before.encoder.name)
+    val_feats = open_features(cfg.data.feature_cache, "val", val_ex, before.encoder)
     report.before = scores(before, val_feats, val_ex)
 
     torch.manual_seed(s.seed)
@@ -245,7 +245,7 @@ def _base_dev(base_cfg: Config, before: Captioner, after: Captioner):
     d = base_cfg.data
     try:
         dev = load_split(d, d.dev_split)
-        feats = open_features(d.feature_cache, d.dev_split, dev, before.encoder.name)
+        feats = open_features(d.feature_cache, d.dev_split, dev, before.encoder)
     except (StaleCache, FileNotFoundError, ValueError) as e:
         return f"not measured: {str(e).splitlines()[0]}"
     return {"data": f"{d.root} {d.dev_split}", "before": scores(before, feats, dev), "after": scores(after, feats, dev)}

@@ -1,5 +1,9 @@
 """Training: teacher forcing on cached features (or images, when fine-tuning the encoder).
 
+With `model.encoder_top_blocks: N` the encoder's last N blocks and head train too, from
+the maps entering them, cached once per image like features (`Encoder.split`): a step
+runs only those blocks and the decoder, never the whole CNN.
+
     captioner train --config configs/flickr8k_lite0.yaml [section.key=value ...]
     torchrun --nproc_per_node 2 -m captioner.cli train --config ...     # DistributedDataParallel
 
@@ -30,9 +34,9 @@ from tqdm import tqdm
 
 from . import checkpoint
 from .config import Config, TrainConfig
-from .data import CaptionDataset, ImageFiles, LengthBatches, collate, load_split, with_replay
+from .data import CaptionDataset, ImageFiles, LengthBatches, collate, image_input, load_split, with_replay
 from .decoder import Decoder, build_decoder, caption_loss
-from .encoders import build_encoder
+from .encoders import Encoder, EncoderTop, build_encoder
 from .features import extract, open_features
 from .hardware import check_bf16
 from .inference import Captioner, resolve_device
@@ -41,17 +45,40 @@ from .scst import Images, reward_function, self_critical_loss
 from .vocab import Vocab, tokenize
 
 
+def build_start_encoder(cfg: Config, start: dict | None) -> Encoder:
+    """The encoder a run starts from: the pretrained one, or the fine-tuned one the start checkpoint stores."""
+    stored = start.get("encoder") if start else None
+    encoder = build_encoder(cfg.model.encoder, cfg.model.pretrained and stored is None,
+                            trainable=cfg.model.finetune_encoder, regions=cfg.model.attention)
+    if stored is not None:
+        encoder.load_state_dict(stored)
+    return encoder
+
+
+def cached_part(cfg: Config, encoder: Encoder) -> tuple[Encoder, EncoderTop | None, Path]:
+    """(what the feature cache holds, the trained top or None, where the cache is): the whole
+    encoder's v in data.feature_cache, or with model.encoder_top_blocks the maps below the cut,
+    in a subfolder named for the cut."""
+    if not cfg.model.encoder_top_blocks:
+        return encoder, None, Path(cfg.data.feature_cache)
+    below, top = encoder.split(cfg.model.encoder_top_blocks)
+    return below, top, Path(cfg.data.feature_cache) / below.name
+
+
 def extract_all(cfg: Config, batch_size: int = 64, num_workers: int = 2) -> None:
-    """Cache encoder features of the train and dev splits (resumable), run by cfg.decode.engine."""
-    encoder = build_encoder(cfg.model.encoder, cfg.model.pretrained, regions=cfg.model.attention)
+    """Cache encoder features (or the maps below the cut) of the train and dev splits (resumable),
+    run by cfg.decode.engine."""
+    cached, _, folder = cached_part(cfg, build_start_encoder(
+        cfg, checkpoint.load(cfg.train.init_from) if cfg.train.init_from else None))
     device = resolve_device(cfg.train.device)
     for split in (cfg.data.train_split, cfg.data.dev_split):
-        extract(encoder, load_split(cfg.data, split), cfg.data.feature_cache, split, batch_size=batch_size,
+        extract(cached, load_split(cfg.data, split), folder, split, batch_size=batch_size,
                 num_workers=num_workers, dtype=cfg.data.feature_dtype, device=device, engine=cfg.decode.engine)
 
 
 class Trainable(nn.Module):
-    """What the optimizer sees: the decoder, plus the encoder when it is fine-tuned."""
+    """What the optimizer sees: the decoder, plus the encoder when it is fine-tuned (or its top,
+    which then reads cached maps instead of images)."""
 
     def __init__(self, decoder: Decoder, encoder: nn.Module | None):
         super().__init__()
@@ -118,12 +145,15 @@ def _all_rng_states(device: torch.device, distributed: bool) -> list[dict]:
     return states
 
 
-def make_optimizer(params, t: TrainConfig) -> torch.optim.Adam:
-    """Adam over the trainable weights. The fused kernel updates them all in one pass:
-    on CPU 5x faster than the per-tensor loop (4 vs 18 ms a step for the shipped decoder)."""
-    params = [p for p in params if p.requires_grad]
-    fused = params[0].device.type in ("cpu", "cuda")
-    return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused)
+def make_optimizer(params, t: TrainConfig, encoder_params=()) -> torch.optim.Adam:
+    """Adam over the trainable weights, the encoder's at train.encoder_lr. The fused kernel updates
+    them all in one pass: on CPU 5x faster than the per-tensor loop (4 vs 18 ms a step for the shipped decoder)."""
+    groups = [{"params": [p for p in params if p.requires_grad]}]
+    encoder_params = list(encoder_params)
+    if encoder_params:
+        groups.append({"params": encoder_params, "lr": t.encoder_lr})
+    fused = groups[0]["params"][0].device.type in ("cpu", "cuda")
+    return torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay, fused=fused)
 
 
 def _plot(history: list[dict], path: Path) -> None:
@@ -210,6 +240,7 @@ class _Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     reward: object = None  # scst: the reward function
     references: list | None = None  # scst with scst_xe_weight: the training captions as ids
+    store_encoder: bool = False  # the encoder trains, or the run started from one fine-tuned before
 
     @property
     def main(self) -> bool:
@@ -272,27 +303,31 @@ def _setup(cfg: Config, resume: bool) -> _Run:
         (c for ex in train_ex for c in ex.captions), cfg.data.min_count)
 
     finetune = cfg.model.finetune_encoder
-    encoder = build_encoder(cfg.model.encoder, cfg.model.pretrained, trainable=finetune, regions=cfg.model.attention)
+    encoder = build_start_encoder(cfg, start)
     if finetune:
+        trained = encoder
         train_src, dev_src = (ImageFiles([ex.path for ex in exs], encoder.preprocess) for exs in (train_ex, dev_ex))
     else:
-        train_src = open_features(cfg.data.feature_cache, cfg.data.train_split, train_ex, encoder.name)
-        dev_src = open_features(cfg.data.feature_cache, cfg.data.dev_split, dev_all, encoder.name)[: len(dev_ex)]
+        cached, trained, cache = cached_part(cfg, encoder)
+        train_src = open_features(cache, cfg.data.train_split, train_ex, cached)
+        dev_src = open_features(cache, cfg.data.dev_split, dev_all, cached)[: len(dev_ex)]
+    if trained is not None:
+        trained.requires_grad_(True)
     if t.replay:
-        if finetune or not t.init_from:
+        if trained is not None or not t.init_from:
             raise ValueError("train.replay mixes in the cached features of train.init_from's own training data: "
                              "it needs init_from and a frozen encoder")
         base = Config.from_dict((init or checkpoint.load(t.init_from))["config"]).data
         replay_ex = load_split(base, base.train_split)
-        replay_src = open_features(base.feature_cache, base.train_split, replay_ex, encoder.name)
+        replay_src = open_features(base.feature_cache, base.train_split, replay_ex, encoder)
         train_ex, train_src = with_replay(train_ex, train_src, replay_ex, replay_src, t.replay, t.seed)
     decoder = build_decoder(cfg.model, len(vocab), encoder.dim)
-    model = Trainable(decoder, encoder if finetune else None).to(device)
+    model = Trainable(decoder, trained).to(device)
     if start:
         decoder.load_state_dict(start["decoder"])
-        if finetune and start.get("encoder"):
-            encoder.load_state_dict(start["encoder"])
-    ddp_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    # Before train.unfreeze_epoch the encoder's weights get no gradients: DDP must expect that.
+    ddp_model = (nn.parallel.DistributedDataParallel(model, find_unused_parameters=trained is not None
+                                                     and t.unfreeze_epoch > 1) if world > 1 else model)
 
     reward = references = None
     if t.objective == "scst":  # batches of images; all "lengths" equal, so LengthBatches just shuffles (and shards)
@@ -308,11 +343,12 @@ def _setup(cfg: Config, resume: bool) -> _Run:
     loader = DataLoader(train_set, batch_sampler=batches, collate_fn=train_collate, num_workers=t.num_workers)
     dev_loader = DataLoader(CaptionDataset(dev_ex, vocab, dev_src, cfg.data.max_caption_len), batch_size=512,
                             collate_fn=collate)
-    optimizer = make_optimizer(model.parameters(), t)
+    optimizer = make_optimizer(decoder.parameters(), t, trained.parameters() if trained is not None else ())
     total_steps = t.epochs * len(loader)  # max_steps only cuts a run short; the schedule stays the same
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     return _Run(cfg, device, rank, world, state, vocab, encoder, decoder, model, ddp_model, train_ex, dev_ex,
-                dev_src, train_set, batches, loader, dev_loader, optimizer, scheduler, reward, references)
+                dev_src, train_set, batches, loader, dev_loader, optimizer, scheduler, reward, references,
+                store_encoder=trained is not None or "encoder" in (start or {}))
 
 
 def _restore(run: _Run) -> _Progress:
@@ -344,9 +380,11 @@ def _train_epoch(run: _Run, epoch: int, progress: _Progress) -> dict:
         return caption_loss(run.ddp_model(inputs.to(run.device), tokens.to(run.device)), targets.to(run.device),
                             t.label_smoothing), None
 
-    # A frozen encoder is not part of `model`, so it stays in eval mode. scst samples and
-    # scores with one policy: no dropout.
+    # A frozen encoder is not part of `model`, so it stays in eval mode (a trained top always is).
+    # scst samples and scores with one policy: no dropout.
     run.model.train(not scst)
+    if run.model.encoder is not None:
+        run.model.encoder.requires_grad_(epoch >= t.unfreeze_epoch)
     run.batches.set_epoch(epoch)
     tic, total, count = time.time(), 0.0, 0
     bar = tqdm(run.loader, desc=f"epoch {epoch}", disable=not run.main, leave=False)
@@ -378,9 +416,11 @@ def _evaluate_dev(run: _Run) -> dict:
         dev_losses = [caption_loss(run.model(x.to(device), y.to(device)), z.to(device)).item()
                       for x, y, z in run.dev_loader]
     captioner = Captioner(run.encoder, run.decoder, run.vocab, run.cfg, device, engine="torch")  # weights change
-    if run.cfg.model.finetune_encoder:
+    if run.model.encoder is not None:  # images, or the cached maps below the cut -> v
         with torch.inference_mode():
-            dev_feats = torch.cat([captioner.encode(x) for x in DataLoader(run.dev_src, batch_size=64)]).cpu().numpy()
+            batches = DataLoader(range(len(run.dev_src)), batch_size=64,
+                                 collate_fn=lambda idx: torch.stack([image_input(run.dev_src, i) for i in idx]))
+            dev_feats = torch.cat([run.model.encoder(x.to(device)).float() for x in batches]).cpu().numpy()
     else:
         dev_feats = run.dev_src
     return {"dev_loss": float(np.mean(dev_losses)), **evaluate_bleu(captioner, dev_feats, run.dev_ex)}
@@ -402,9 +442,9 @@ def _save(run: _Run, progress: _Progress, improved: bool) -> None:
     rngs = _all_rng_states(run.device, run.distributed)  # after rank 0's evaluation, which draws from them too
     if not run.main:
         return
-    finetune = run.cfg.model.finetune_encoder
+    # A trained top's layers are the encoder's own: the whole encoder is stored, as when fine-tuning all of it.
     payload = dict(config=run.cfg.to_dict(), vocab=run.vocab.to_dict(), decoder=run.decoder.state_dict(),
-                   encoder=run.encoder.state_dict() if finetune else None)
+                   encoder=run.encoder.state_dict() if run.store_encoder else None)
     if improved:
         checkpoint.save(run.out / "best.pt", **payload)
     train_state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),

@@ -25,6 +25,7 @@ import yaml
 from captioner import Captioner
 from captioner.config import load_config
 from captioner.data import load_flickr8k, load_split
+from captioner.encoders import build_encoder
 from captioner.features import open_features
 from captioner.finetune import scores, write_jsonl
 from captioner.evaluate import decode_features
@@ -43,17 +44,18 @@ def prepare(args) -> None:
     cache = out / "features"
     cache.mkdir(parents=True, exist_ok=True)
     concept_train = []
+    encoder = build_encoder(base.model.encoder, base.model.pretrained, regions=base.model.attention)
     for split in (base.data.train_split, base.data.dev_split):
         exs = load_flickr8k(base.data.root, split)
-        feats = open_features(base.data.feature_cache, split, exs, base.model.encoder)
+        feats = open_features(base.data.feature_cache, split, exs, encoder)
         keep = [i for i, ex in enumerate(exs) if split != base.data.train_split or not mentions(ex.captions, words)]
         if split == base.data.train_split:
             concept_train = [ex for ex in exs if mentions(ex.captions, words)][:args.photos]
         write_jsonl([exs[i] for i in keep], images, out / f"{split}.jsonl")
         np.save(cache / f"{split}.npy", np.asarray(feats[keep]))
         # The ids as the JSONL reads them (paths relative to the image folder): Flickr8k's file names.
-        meta = {"encoder": base.model.encoder, "ids": [exs[i].image_id for i in keep],
-                "dtype": base.data.feature_dtype, "dim": feats.shape[1], "done": len(keep)}
+        meta = json.loads((Path(base.data.feature_cache) / f"{split}.json").read_text())
+        meta.update(ids=[exs[i].image_id for i in keep], done=len(keep))
         (cache / f"{split}.json").write_text(json.dumps(meta))
         print(f"{split}: {len(keep)} of {len(exs)} photos kept")
     write_jsonl(concept_train, images, out / "concept_train.jsonl")
@@ -71,7 +73,8 @@ def report(args) -> None:
     words = set((out / "words.txt").read_text().split())
     cfg = load_config(out / "base.yaml")
     dev = load_split(cfg.data, cfg.data.dev_split)
-    feats = np.asarray(open_features(cfg.data.feature_cache, cfg.data.dev_split, dev, cfg.model.encoder))
+    encoder = build_encoder(cfg.model.encoder, cfg.model.pretrained, regions=cfg.model.attention)
+    feats = np.asarray(open_features(cfg.data.feature_cache, cfg.data.dev_split, dev, encoder))
     concept = [i for i, ex in enumerate(dev) if mentions(ex.captions, words)]
     rest = [i for i in range(len(dev)) if i not in set(concept)]
     rows = {}

@@ -27,7 +27,7 @@ def main() -> None:
     cap = Captioner.load(args.checkpoint, device="cpu")
     cfg = cap.config
     examples = load_split(cfg.data, cfg.data.dev_split)
-    feats = open_features(cfg.data.feature_cache, cfg.data.dev_split, examples, cap.encoder.name)
+    feats = open_features(cfg.data.feature_cache, cfg.data.dev_split, examples, cap.encoder)
     print("| beam | length penalty | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 |\n|---|---|---|---|---|---|")
     for beam in args.beams:
         for pen in args.penalties:
