@@ -55,21 +55,36 @@ def ensemble(payloads: list[dict], names: list[str]) -> dict:
             raise CheckpointError(f"{name} has another vocabulary than {names[0]}: they cannot be combined")
         if m != model[0]:
             raise CheckpointError(f"{name} has another model config than {names[0]}: they cannot be combined")
-    if any("encoder" in p or isinstance(p["decoder"], list) for p in payloads):
-        raise CheckpointError("only single models on the shared frozen encoder can be combined "
-                              "(no fine-tuned encoder, no ensembles)")
-    return {"config": first["config"], "vocab": first["vocab"], "decoder": [p["decoder"] for p in payloads]}
+    if any(isinstance(p["decoder"], list) for p in payloads):
+        raise CheckpointError("ensembles cannot be combined again: combine their members' checkpoints")
+    # One encoder runs for all the decoders: the pretrained one, or one fine-tuned encoder they all share
+    # (self-critical runs on the features of a model whose encoder's top was trained, say).
+    encoder = first.get("encoder")
+    for p, name in zip(payloads[1:], names[1:]):
+        other = p.get("encoder")
+        if (encoder is None) != (other is None) or (encoder is not None and (
+                encoder.keys() != other.keys() or not all(torch.equal(encoder[k], other[k]) for k in encoder))):
+            raise CheckpointError(f"{name} has another encoder than {names[0]} (a fine-tuned one, or another "
+                                  "fine-tuning of it): only models on one shared encoder can be combined")
+    merged = {"config": first["config"], "vocab": first["vocab"], "decoder": [p["decoder"] for p in payloads]}
+    return merged if encoder is None else {**merged, "encoder": encoder}
 
 
-def average(payloads: list[dict], names: list[str]) -> dict:
+def average(payloads: list[dict], names: list[str], weights: list[float] | None = None) -> dict:
     """The `save` arguments of one model whose decoder weights are the mean of the given
-    models' (a "model soup", Wortsman et al. 2022). Meant for models fine-tuned from one
-    start, e.g. self-critical runs with other seeds: their mean decodes at one decoder's
-    cost and scores like a small ensemble. Models trained from scratch apart do not average."""
+    models' (a "model soup", Wortsman et al. 2022), or their weighted mean. Meant for models
+    fine-tuned from one start, e.g. self-critical runs with other seeds: their mean decodes at
+    one decoder's cost and scores like a small ensemble; a cross-entropy model and its
+    self-critical soup, weighted, give the points between the two. Models trained from scratch
+    apart do not average."""
     merged = ensemble(payloads, names)  # the same checks
     members = merged["decoder"]
-    mean = {k: sum(sd[k] for sd in members) / len(members) if members[0][k].is_floating_point() else members[0][k]
-            for k in members[0]}
+    weights = weights or [1.0] * len(members)
+    if len(weights) != len(members) or min(weights) < 0 or sum(weights) <= 0:
+        raise CheckpointError(f"{len(members)} models need {len(members)} non-negative weights, got {weights}")
+    weights = [w / sum(weights) for w in weights]
+    mean = {k: sum(w * sd[k] for w, sd in zip(weights, members)) if members[0][k].is_floating_point()
+            else members[0][k] for k in members[0]}
     return {**merged, "decoder": mean}
 
 

@@ -120,8 +120,8 @@ def caption_split(captioner, examples: list[Example], batch_size: int = 32, work
     return out
 
 
-def decode_features(captioner, feats, batch_size: int = 500) -> list[str]:
-    """Captions of cached features (the model's own decoding settings).
+def decode_features(captioner, feats, batch_size: int = 500, options=None) -> list[str]:
+    """Captions of cached features (options: `Captioner.options(...)`; None: the model's own settings).
     feats: an (N, D) array (a memmapped cache or in memory), one row per image."""
     import numpy as np
     import torch
@@ -129,7 +129,7 @@ def decode_features(captioner, feats, batch_size: int = 500) -> list[str]:
     hyps = []
     for i in range(0, len(feats), batch_size):
         batch = torch.as_tensor(np.array(feats[i:i + batch_size], dtype=np.float32))
-        hyps += [captioner.vocab.decode(h[0].tokens) for h in captioner.decode(batch)]
+        hyps += [captioner.vocab.decode(h[0].tokens) for h in captioner.decode(batch, options)]
     return hyps
 
 

@@ -303,6 +303,9 @@ def _setup(cfg: Config, resume: bool) -> _Run:
         (c for ex in train_ex for c in ex.captions), cfg.data.min_count)
 
     finetune = cfg.model.finetune_encoder
+    if finetune and cfg.model.encoder_top_blocks:
+        raise ValueError("model.finetune_encoder trains the whole encoder on images, model.encoder_top_blocks its "
+                         "top on cached maps: choose one")
     encoder = build_start_encoder(cfg, start)
     if finetune:
         trained = encoder

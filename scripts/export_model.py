@@ -7,7 +7,10 @@ and the decoding defaults chosen on dev (scripts/tune_decoding.py) written into 
 Several checkpoints make one ensemble model (`decoder.Ensemble`): `checkpoint.ensemble`
 checks they share the vocabulary, the model config and the frozen encoder. With --average
 they make one decoder with their mean weights instead (`checkpoint.average`; for models
-fine-tuned from one start, such as self-critical runs with other seeds).
+fine-tuned from one start, such as self-critical runs with other seeds); --weights makes it a
+weighted mean, e.g. a point between a cross-entropy model and its self-critical soup:
+
+    python scripts/export_model.py XE.pt SOUP.pt --average --weights 0.5 0.5 -o runs/mid.pt
 """
 from __future__ import annotations
 
@@ -23,13 +26,20 @@ def main() -> None:
     p.add_argument("-o", "--out", required=True, help="where to write the model")
     p.add_argument("--average", action="store_true",
                    help="average the checkpoints' weights into one decoder instead of an ensemble")
+    p.add_argument("--weights", type=float, nargs="+", help="with --average: one weight per checkpoint")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="config overrides, e.g. decode.beam_size=5")
     args = p.parse_args()
     try:
         payloads = [checkpoint.load(s) for s in args.sources]
-        combine = checkpoint.average if args.average else checkpoint.ensemble
-        payload = combine(payloads, args.sources) if len(payloads) > 1 else payloads[0]
+        if args.weights and not args.average:
+            raise checkpoint.CheckpointError("--weights weighs an --average")
+        if len(payloads) == 1:
+            payload = payloads[0]
+        elif args.average:
+            payload = checkpoint.average(payloads, args.sources, args.weights)
+        else:
+            payload = checkpoint.ensemble(payloads, args.sources)
     except checkpoint.CheckpointError as e:
         raise SystemExit(f"error: {e}")
     config = Config.from_dict(apply_overrides(payload["config"], args.overrides)).to_dict()  # validates keys

@@ -372,8 +372,26 @@ def test_ensemble_refuses_members_that_cannot_decode_together(captioner):
     bigger = {**base, "config": {**base["config"], "model": {**base["config"]["model"], "hidden_dim": 99}}}
     with pytest.raises(checkpoint.CheckpointError, match="model config"):
         checkpoint.ensemble([base, bigger], ["a.pt", "b.pt"])
-    with pytest.raises(checkpoint.CheckpointError, match="fine-tuned encoder"):
-        checkpoint.ensemble([base, {**base, "encoder": {}}], ["a.pt", "b.pt"])
+    encoder = captioner.encoder.state_dict()
+    with pytest.raises(checkpoint.CheckpointError, match="b.pt has another encoder"):
+        checkpoint.ensemble([base, {**base, "encoder": encoder}], ["a.pt", "b.pt"])
+    other_encoder = {k: v + 1 if v.is_floating_point() else v for k, v in encoder.items()}
+    with pytest.raises(checkpoint.CheckpointError, match="b.pt has another encoder"):
+        checkpoint.ensemble([{**base, "encoder": encoder}, {**base, "encoder": other_encoder}], ["a.pt", "b.pt"])
+    shared = checkpoint.average([{**base, "encoder": encoder}] * 2, ["a.pt", "b.pt"])
+    assert shared["encoder"] is encoder  # one fine-tuned encoder under all of them travels along
+
+
+def test_a_weighted_average_lies_between_its_models(captioner):
+    base = {"config": captioner.config.to_dict(), "vocab": captioner.vocab.to_dict(),
+            "decoder": captioner.decoder.state_dict()}
+    other = {**base, "decoder": perturbed_copy(captioner.decoder, 1).state_dict()}
+    for w in (0.0, 0.25, 1.0):
+        mixed = checkpoint.average([base, other], ["a.pt", "b.pt"], weights=[1 - w, w])["decoder"]
+        for k, v in mixed.items():
+            torch.testing.assert_close(v, (1 - w) * base["decoder"][k] + w * other["decoder"][k])
+    with pytest.raises(checkpoint.CheckpointError, match="non-negative weights"):
+        checkpoint.average([base, other], ["a.pt", "b.pt"], weights=[1.0])
 
 
 def test_a_checkpoint_saved_before_a_model_field_existed_combines_with_a_new_one(captioner):
