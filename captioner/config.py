@@ -17,9 +17,6 @@ class ModelConfig:
     encoder: str = "efficientnet_lite0"  # a name in captioner.encoders.ENCODERS
     pretrained: bool = True  # False: random encoder weights (tests)
     finetune_encoder: bool = False  # True: images on the fly, encoder trained too
-    # >0: the encoder's last N blocks and its head convolution train too, on the maps entering them,
-    # cached once per image (efficientnet_lite; 1 cuts at a 192x7x7 map, 5 at 112x14x14)
-    encoder_top_blocks: int = 0
     cell: str = "lstm"  # lstm | gru | rnn
     inject: str = "every"  # every: W_iv·v in every step's gates; init: v only sets h0/c0
     attention: bool = False  # True: also soft attention over the encoder's regions (decoder.AttentionDecoder)
@@ -63,7 +60,11 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 128
     lr: float = 1e-3
-    encoder_lr: float = 1e-4  # the learning rate of the encoder's trained top (model.encoder_top_blocks)
+    # >0: the encoder's last N blocks and its head convolution train too, on the maps entering them,
+    # cached once per image (efficientnet_lite; 1 cuts at a 192x7x7 map, 5 at 112x14x14). A training
+    # setting: the model it makes is the same architecture, its encoder stored in the checkpoint.
+    encoder_top_blocks: int = 0
+    encoder_lr: float = 1e-4  # the learning rate of the trained encoder (its top, or all of it with finetune_encoder)
     unfreeze_epoch: int = 1  # the first epoch in which the encoder's top trains (before it, it runs frozen)
     weight_decay: float = 0.0
     label_smoothing: float = 0.0

@@ -51,12 +51,12 @@ class Encoder(nn.Module):
         """(below, top): the encoder cut before its last `top_blocks` blocks, top(below(x)) == self(x).
 
         `below` is an Encoder of its own (its own name, width and ONNX export) whose flattened
-        maps are cached once per image; `top` trains on them (model.encoder_top_blocks)."""
+        maps are cached once per image; `top` trains on them (train.encoder_top_blocks)."""
         if not isinstance(self.backbone, _LiteFeatures):
-            raise ValueError(f"model.encoder_top_blocks needs an efficientnet_lite encoder, not {self.name!r}")
+            raise ValueError(f"train.encoder_top_blocks needs an efficientnet_lite encoder, not {self.name!r}")
         net = self.backbone.net
         if not 1 <= top_blocks <= len(net._blocks):
-            raise ValueError(f"model.encoder_top_blocks must be in 1..{len(net._blocks)} for {self.name}, "
+            raise ValueError(f"train.encoder_top_blocks must be in 1..{len(net._blocks)} for {self.name}, "
                              f"got {top_blocks}")
         cut = len(net._blocks) - top_blocks
         below = _LiteBelow(net, cut)

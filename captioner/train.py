@@ -1,6 +1,6 @@
 """Training: teacher forcing on cached features (or images, when fine-tuning the encoder).
 
-With `model.encoder_top_blocks: N` the encoder's last N blocks and head train too, from
+With `train.encoder_top_blocks: N` the encoder's last N blocks and head train too, from
 the maps entering them, cached once per image like features (`Encoder.split`): a step
 runs only those blocks and the decoder, never the whole CNN.
 
@@ -57,11 +57,11 @@ def build_start_encoder(cfg: Config, start: dict | None) -> Encoder:
 
 def cached_part(cfg: Config, encoder: Encoder) -> tuple[Encoder, EncoderTop | None, Path]:
     """(what the feature cache holds, the trained top or None, where the cache is): the whole
-    encoder's v in data.feature_cache, or with model.encoder_top_blocks the maps below the cut,
+    encoder's v in data.feature_cache, or with train.encoder_top_blocks the maps below the cut,
     in a subfolder named for the cut."""
-    if not cfg.model.encoder_top_blocks:
+    if not cfg.train.encoder_top_blocks:
         return encoder, None, Path(cfg.data.feature_cache)
-    below, top = encoder.split(cfg.model.encoder_top_blocks)
+    below, top = encoder.split(cfg.train.encoder_top_blocks)
     return below, top, Path(cfg.data.feature_cache) / below.name
 
 
@@ -303,8 +303,8 @@ def _setup(cfg: Config, resume: bool) -> _Run:
         (c for ex in train_ex for c in ex.captions), cfg.data.min_count)
 
     finetune = cfg.model.finetune_encoder
-    if finetune and cfg.model.encoder_top_blocks:
-        raise ValueError("model.finetune_encoder trains the whole encoder on images, model.encoder_top_blocks its "
+    if finetune and cfg.train.encoder_top_blocks:
+        raise ValueError("model.finetune_encoder trains the whole encoder on images, train.encoder_top_blocks its "
                          "top on cached maps: choose one")
     encoder = build_start_encoder(cfg, start)
     if finetune:

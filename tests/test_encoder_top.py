@@ -1,4 +1,4 @@
-"""Training the encoder's top blocks on cached maps (model.encoder_top_blocks): the cached path
+"""Training the encoder's top blocks on cached maps (train.encoder_top_blocks): the cached path
 computes what the whole encoder computes, the top trains (from train.unfreeze_epoch on), and the
 result is a checkpoint like any other: loaded by Captioner, run by onnxruntime, exported."""
 from __future__ import annotations
@@ -48,7 +48,7 @@ def _state(module) -> dict:
 
 
 def test_training_the_top_on_cached_maps(tiny_data, tiny_run, tmp_path):
-    cfg = tiny_config(tiny_data, tmp_path, "model.encoder_top_blocks=1", "train.epochs=1", "train.encoder_lr=1e-2")
+    cfg = tiny_config(tiny_data, tmp_path, "train.encoder_top_blocks=1", "train.epochs=1", "train.encoder_lr=1e-2")
     extract_all(cfg, batch_size=16, num_workers=0)
     assert (tmp_path / "cache/efficientnet_lite0_below15/train.npy").is_file()
     pretrained = _state(build_encoder("efficientnet_lite0"))
@@ -56,7 +56,7 @@ def test_training_the_top_on_cached_maps(tiny_data, tiny_run, tmp_path):
                                                          "backbone.net._bn1"))]
 
     # Frozen until epoch 2: a one-epoch run trains the decoder only and stores the encoder unchanged.
-    train(tiny_config(tiny_data, tmp_path / "frozen", "model.encoder_top_blocks=1", "train.epochs=1",
+    train(tiny_config(tiny_data, tmp_path / "frozen", "train.encoder_top_blocks=1", "train.epochs=1",
                       "train.unfreeze_epoch=2", f"data.feature_cache={tmp_path / 'cache'}"))
     frozen = checkpoint.load(tmp_path / "frozen/run/best.pt")["encoder"]
     assert all(torch.equal(frozen[k], v.float() if v.is_floating_point() else v) for k, v in pretrained.items())
