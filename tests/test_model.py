@@ -246,24 +246,28 @@ def test_beam_as_wide_as_the_candidates_finds_the_true_best_caption(length_penal
         assert hyps[0].score == pytest.approx(score, abs=1e-4)
 
 
-def test_a_finished_caption_is_not_lost_to_live_beams_that_finish_worse():
-    """With the shipped model at beam 6 and no length penalty, "a man" finishes inside the beam
-    on the README's photo; live prefixes used to push it out and then end lower."""
+def test_a_finished_caption_does_not_take_the_place_of_a_live_beam_that_finishes_better():
+    """With the shipped model at its defaults (beam 3, Wu alpha 1.0) on the astronaut photo,
+    "... with a football" finishes inside the beam, and one word later "... with a football game"
+    scores higher. The search before, which kept finished captions among the k live beams,
+    returned the shorter one."""
     from captioner import Captioner
 
     cap = Captioner.load(device="cpu")
-    feats = cap.encode(cap.preprocess(ROOT / "demo" / "examples" / "grace_hopper.jpg")[None])
-    found = cap.decode(feats, cap.options(beam_size=6, length_penalty="none"))[0][0]
+    feats = cap.encode(cap.preprocess(ROOT / "demo" / "examples" / "astronaut.jpg")[None])
+    found = cap.decode(feats)[0][0]
 
-    def log_prob(caption: str) -> float:  # teacher forcing
+    def score(caption: str) -> float:  # teacher forcing, with the search's length penalty
         ids = torch.tensor([cap.vocab.encode(caption)])
         with torch.inference_mode():
             logp = cap.decoder(feats, ids[:, :-1]).log_softmax(-1)
-        return logp.gather(2, ids[:, 1:, None]).sum().item()
+        total = logp.gather(2, ids[:, 1:, None]).sum()
+        return float(total / penalty(torch.tensor(ids.shape[1] - 1), "wu", cap.config.decode.alpha))
 
-    assert cap.vocab.decode(found.tokens) == "a man"
-    assert found.score == pytest.approx(log_prob("a man"), abs=1e-3)
-    assert found.score > log_prob("a man in a black shirt") + 0.5  # what the search returned before
+    assert (cap.config.decode.beam_size, cap.config.decode.length_penalty) == (3, "wu")
+    assert cap.vocab.decode(found.tokens) == "a group of people are playing with a football game"
+    assert found.score == pytest.approx(score("a group of people are playing with a football game"), abs=1e-3)
+    assert found.score > score("a group of people are playing with a football") + 0.02  # what it returned before
 
 
 def test_sampling_is_reproducible_with_a_generator_and_varies_with_temperature(captioner):
