@@ -60,8 +60,11 @@ class Encoder(nn.Module):
                              f"got {top_blocks}")
         cut = len(net._blocks) - top_blocks
         below = _LiteBelow(net, cut)
-        with torch.no_grad():  # the shape of the maps at the cut, from one blank image
-            shape = below.eval().maps(torch.zeros(1, 3, self.input_size, self.input_size)).shape[1:]
+        mode = self.training
+        with torch.no_grad():  # the shape of the maps at the cut, from one blank image, in eval mode (BatchNorm stays as it is)
+            blank = torch.zeros(1, 3, self.input_size, self.input_size, device=net._conv_stem.weight.device)
+            shape = below.eval().maps(blank).shape[1:]
+        below.train(mode)
         below_encoder = Encoder(f"{self.name}_below{cut}", below, math.prod(shape), self.input_size,
                                 self.transform)
         return below_encoder, EncoderTop(net, cut, tuple(shape), self.regions > 1)
@@ -192,9 +195,13 @@ ENCODERS: dict[str, Callable[..., Encoder]] = {
 }
 
 
-def build_encoder(name: str, pretrained: bool = True, trainable: bool = False, regions: bool = False) -> Encoder:
+def build_encoder(name: str, pretrained: bool = True, trainable: bool = False, regions: bool = False,
+                  state: dict | None = None) -> Encoder:
+    """The named encoder; `state`: fine-tuned weights (a checkpoint's "encoder"), loaded instead of the pretrained ones."""
     if name not in ENCODERS:
         raise ValueError(f"unknown encoder {name!r}; choose from {sorted(ENCODERS)}")
-    encoder = ENCODERS[name](pretrained=pretrained, regions=regions)
+    encoder = ENCODERS[name](pretrained=pretrained and state is None, regions=regions)
+    if state is not None:
+        encoder.load_state_dict(state)
     encoder.requires_grad_(trainable)
     return encoder.train(trainable)

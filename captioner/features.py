@@ -47,6 +47,10 @@ def extract(encoder: Encoder, examples: list[Example], cache: str | Path, split:
             "dim": encoder.width, "done": 0}
     if meta_path.is_file() and arr_path.is_file():
         old = json.loads(meta_path.read_text())
+        if old.get("encoder") == meta["encoder"] and old.get("weights") not in (None, meta["weights"]):
+            # Another model's features (a fine-tuned encoder's, or the pretrained one's): never overwritten.
+            raise StaleCache(f"{arr_path} holds features of other weights of {encoder.name}: "
+                             "set another data.feature_cache (or delete that folder)")
         if all(old.get(k) == meta[k] for k in ("encoder", "weights", "ids", "dtype", "dim")):
             meta["done"] = old["done"]
     if meta["done"] == 0:

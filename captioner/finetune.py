@@ -182,17 +182,26 @@ def finetune(data: str | Path, out: str | Path, *, fmt: str = "auto", images: st
     write_jsonl(val_ex, image_dir, out / "val.jsonl")
 
     base = checkpoint.load(s.start or DEFAULT_CHECKPOINT)
-    if isinstance(base["decoder"], list) or "encoder" in base:
-        raise ValueError("fine-tuning starts from a single model on a frozen encoder, not an ensemble "
-                         "or a model with a fine-tuned encoder")
+    if isinstance(base["decoder"], list):
+        raise ValueError("fine-tuning starts from a single model, not an ensemble")
     base_cfg = Config.from_dict(base["config"])
+    base_cfg.train = replace(base_cfg.train, encoder_top_blocks=0)  # its encoder stays frozen here
+    if "encoder" in base:
+        # A fine-tuned encoder (the shipped model's): the features cached for the starting model's own
+        # data (replay, and the forgetting report) must be its own, not the pretrained encoder's.
+        base_cfg.data.feature_cache = str(out / "base_features")
     old = Vocab.from_dict(base["vocab"])
     min_count = base_cfg.data.min_count if s.min_count is None else s.min_count
     vocab = old.extend((c for ex in train_ex for c in ex.captions), min_count)
     report.new_words = vocab.itos[len(old):]
     start = out / "start.pt"
-    checkpoint.save(start, config=base["config"], vocab=vocab.to_dict(),
-                    decoder=grow_vocabulary(base["decoder"], old, vocab))
+    checkpoint.save(start, config=base_cfg.to_dict(), vocab=vocab.to_dict(),
+                    decoder=grow_vocabulary(base["decoder"], old, vocab), encoder=base.get("encoder"))
+    if "encoder" in base:
+        try:
+            extract_all(replace(base_cfg, train=replace(base_cfg.train, init_from=str(start))), num_workers=s.workers)
+        except (FileNotFoundError, ValueError) as e:  # its data is not here: replay says so; the report skips it
+            print(f"the starting model's own data was not cached ({str(e).splitlines()[0]})")
 
     cfg = Config(model=base_cfg.model, decode=base_cfg.decode,
                  data=DataConfig(format="jsonl", root=str(out / "train.jsonl"), images=image_dir,

@@ -85,11 +85,8 @@ class Captioner:
         if precision is not None:
             config.decode.precision = precision
         vocab = Vocab.from_dict(payload["vocab"])
-        fine_tuned = "encoder" in payload
-        encoder = build_encoder(config.model.encoder, pretrained=config.model.pretrained and not fine_tuned,
-                                regions=config.model.attention)
-        if fine_tuned:
-            encoder.load_state_dict(payload["encoder"])
+        encoder = build_encoder(config.model.encoder, config.model.pretrained, regions=config.model.attention,
+                                state=payload.get("encoder"))
         decoders = []
         for state in payload["decoder"] if isinstance(payload["decoder"], list) else [payload["decoder"]]:
             decoders.append(build_decoder(config.model, len(vocab), encoder.dim))

@@ -47,12 +47,8 @@ from .vocab import Vocab, tokenize
 
 def build_start_encoder(cfg: Config, start: dict | None) -> Encoder:
     """The encoder a run starts from: the pretrained one, or the fine-tuned one the start checkpoint stores."""
-    stored = start.get("encoder") if start else None
-    encoder = build_encoder(cfg.model.encoder, cfg.model.pretrained and stored is None,
-                            trainable=cfg.model.finetune_encoder, regions=cfg.model.attention)
-    if stored is not None:
-        encoder.load_state_dict(stored)
-    return encoder
+    return build_encoder(cfg.model.encoder, cfg.model.pretrained, trainable=cfg.model.finetune_encoder,
+                         regions=cfg.model.attention, state=(start or {}).get("encoder"))
 
 
 def cached_part(cfg: Config, encoder: Encoder) -> tuple[Encoder, EncoderTop | None, Path]:
@@ -328,9 +324,7 @@ def _setup(cfg: Config, resume: bool) -> _Run:
     model = Trainable(decoder, trained).to(device)
     if start:
         decoder.load_state_dict(start["decoder"])
-    # Before train.unfreeze_epoch the encoder's weights get no gradients: DDP must expect that.
-    ddp_model = (nn.parallel.DistributedDataParallel(model, find_unused_parameters=trained is not None
-                                                     and t.unfreeze_epoch > 1) if world > 1 else model)
+    ddp_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
     reward = references = None
     if t.objective == "scst":  # batches of images; all "lengths" equal, so LengthBatches just shuffles (and shards)
@@ -348,7 +342,11 @@ def _setup(cfg: Config, resume: bool) -> _Run:
                             collate_fn=collate)
     optimizer = make_optimizer(decoder.parameters(), t, trained.parameters() if trained is not None else ())
     total_steps = t.epochs * len(loader)  # max_steps only cuts a run short; the schedule stays the same
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    schedules = [lr_lambda(cfg, total_steps)]
+    if trained is not None:  # the encoder's rate is 0 until train.unfreeze_epoch, then follows the schedule
+        frozen_steps = (t.unfreeze_epoch - 1) * len(loader)
+        schedules.append(lambda step: 0.0 if step < frozen_steps else schedules[0](step))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
     return _Run(cfg, device, rank, world, state, vocab, encoder, decoder, model, ddp_model, train_ex, dev_ex,
                 dev_src, train_set, batches, loader, dev_loader, optimizer, scheduler, reward, references,
                 store_encoder=trained is not None or "encoder" in (start or {}))
@@ -386,8 +384,6 @@ def _train_epoch(run: _Run, epoch: int, progress: _Progress) -> dict:
     # A frozen encoder is not part of `model`, so it stays in eval mode (a trained top always is).
     # scst samples and scores with one policy: no dropout.
     run.model.train(not scst)
-    if run.model.encoder is not None:
-        run.model.encoder.requires_grad_(epoch >= t.unfreeze_epoch)
     run.batches.set_epoch(epoch)
     tic, total, count = time.time(), 0.0, 0
     bar = tqdm(run.loader, desc=f"epoch {epoch}", disable=not run.main, leave=False)

@@ -32,8 +32,8 @@ def main() -> None:
     args = p.parse_args()
     try:
         payloads = [checkpoint.load(s) for s in args.sources]
-        if args.weights and not args.average:
-            raise checkpoint.CheckpointError("--weights weighs an --average")
+        if args.weights and (not args.average or len(payloads) == 1):
+            raise checkpoint.CheckpointError("--weights weighs an --average of several checkpoints")
         if len(payloads) == 1:
             payload = payloads[0]
         elif args.average:

@@ -82,3 +82,5 @@ def test_training_the_top_on_cached_maps(tiny_data, tiny_run, tmp_path):
     # Features cached by the pretrained encoder are not this model's: refused, not silently used.
     with pytest.raises(StaleCache, match="other weights"):
         open_features(tiny_run[0].data.feature_cache, "dev", dev, cap.encoder)
+    with pytest.raises(StaleCache, match="other weights"):  # nor overwritten by them
+        extract(cap.encoder, dev, tiny_run[0].data.feature_cache, "dev", num_workers=0)

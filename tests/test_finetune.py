@@ -117,3 +117,23 @@ def test_finetune_with_a_validation_file_and_self_critical_epochs(tiny_run, user
     assert json.loads((tmp_path / "run" / "report.json").read_text())["new_words"] == ["orange", "an"]
     assert "orange" in format_report(report, tmp_path / "run")
     Captioner.load(tmp_path / "run" / "best.pt", device="cpu")
+
+
+def test_finetune_from_a_model_with_a_fine_tuned_encoder(tiny_run, user_photos, tmp_path):
+    """Like the shipped model: the starting checkpoint stores its encoder. Every feature the run
+    reads (the new photos, the replayed and the forgetting report's own data) is that encoder's."""
+    from captioner.encoders import build_encoder
+
+    _, start = tiny_run
+    payload = checkpoint.load(start)
+    encoder = build_encoder("efficientnet_lite0").state_dict()
+    encoder["backbone.net._conv_head.weight"] = encoder["backbone.net._conv_head.weight"] * 1.5
+    checkpoint.save(tmp_path / "tuned.pt", config=payload["config"], vocab=payload["vocab"],
+                    decoder=payload["decoder"], encoder=encoder)
+    report = finetune(user_photos / "captions.csv", tmp_path / "run", images=user_photos,
+                      settings=Settings(start=str(tmp_path / "tuned.pt"), epochs=1, replay=0.5, device="cpu",
+                                        workers=0))
+    assert isinstance(report.base_dev, dict)  # the starting model's dev, cached with its own encoder
+    assert (tmp_path / "run" / "base_features" / "train.npy").is_file()
+    stored = checkpoint.load(tmp_path / "run" / "best.pt")["encoder"]
+    assert all(torch.equal(stored[k], v) for k, v in encoder.items())
