@@ -65,7 +65,7 @@ class TrainConfig:
     # setting: the model it makes is the same architecture, its encoder stored in the checkpoint.
     encoder_top_blocks: int = 0
     encoder_lr: float = 1e-4  # the learning rate of the trained encoder (its top, or all of it with finetune_encoder)
-    unfreeze_epoch: int = 1  # the first epoch in which the trained encoder's learning rate is not 0
+    unfreeze_epoch: int = 1  # the first epoch in which the trained encoder (its top, or all of it) changes
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
     grad_clip: float = 5.0

@@ -185,7 +185,9 @@ def finetune(data: str | Path, out: str | Path, *, fmt: str = "auto", images: st
     if isinstance(base["decoder"], list):
         raise ValueError("fine-tuning starts from a single model, not an ensemble")
     base_cfg = Config.from_dict(base["config"])
-    base_cfg.train = replace(base_cfg.train, encoder_top_blocks=0)  # its encoder stays frozen here
+    # Its encoder stays frozen here, whichever way it was trained.
+    base_cfg.model = replace(base_cfg.model, finetune_encoder=False)
+    base_cfg.train = replace(base_cfg.train, encoder_top_blocks=0, device=s.device)
     if "encoder" in base:
         # A fine-tuned encoder (the shipped model's): the features cached for the starting model's own
         # data (replay, and the forgetting report) must be its own, not the pretrained encoder's.
@@ -198,9 +200,11 @@ def finetune(data: str | Path, out: str | Path, *, fmt: str = "auto", images: st
     checkpoint.save(start, config=base_cfg.to_dict(), vocab=vocab.to_dict(),
                     decoder=grow_vocabulary(base["decoder"], old, vocab), encoder=base.get("encoder"))
     if "encoder" in base:
+        d = base_cfg.data
         try:
-            extract_all(replace(base_cfg, train=replace(base_cfg.train, init_from=str(start))), num_workers=s.workers)
-        except (FileNotFoundError, ValueError) as e:  # its data is not here: replay says so; the report skips it
+            extract_all(replace(base_cfg, train=replace(base_cfg.train, init_from=str(start))), num_workers=s.workers,
+                        splits=[d.dev_split, *([d.train_split] if s.replay else [])])
+        except (FileNotFoundError, ValueError, StaleCache) as e:  # not here: replay says so, the report skips it
             print(f"the starting model's own data was not cached ({str(e).splitlines()[0]})")
 
     cfg = Config(model=base_cfg.model, decode=base_cfg.decode,

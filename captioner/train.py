@@ -61,13 +61,13 @@ def cached_part(cfg: Config, encoder: Encoder) -> tuple[Encoder, EncoderTop | No
     return below, top, Path(cfg.data.feature_cache) / below.name
 
 
-def extract_all(cfg: Config, batch_size: int = 64, num_workers: int = 2) -> None:
-    """Cache encoder features (or the maps below the cut) of the train and dev splits (resumable),
-    run by cfg.decode.engine."""
+def extract_all(cfg: Config, batch_size: int = 64, num_workers: int = 2, splits: list[str] | None = None) -> None:
+    """Cache encoder features (or the maps below the cut) of the train and dev splits, or of `splits`
+    (resumable), run by cfg.decode.engine."""
     cached, _, folder = cached_part(cfg, build_start_encoder(
         cfg, checkpoint.load(cfg.train.init_from) if cfg.train.init_from else None))
     device = resolve_device(cfg.train.device)
-    for split in (cfg.data.train_split, cfg.data.dev_split):
+    for split in splits or (cfg.data.train_split, cfg.data.dev_split):
         extract(cached, load_split(cfg.data, split), folder, split, batch_size=batch_size,
                 num_workers=num_workers, dtype=cfg.data.feature_dtype, device=device, engine=cfg.decode.engine)
 
@@ -324,7 +324,8 @@ def _setup(cfg: Config, resume: bool) -> _Run:
     model = Trainable(decoder, trained).to(device)
     if start:
         decoder.load_state_dict(start["decoder"])
-    ddp_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    # The whole Lite net, fine-tuned, holds a classifier (_fc) that v never passes through: no gradient.
+    ddp_model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=finetune) if world > 1 else model
 
     reward = references = None
     if t.objective == "scst":  # batches of images; all "lengths" equal, so LengthBatches just shuffles (and shards)
@@ -342,11 +343,7 @@ def _setup(cfg: Config, resume: bool) -> _Run:
                             collate_fn=collate)
     optimizer = make_optimizer(decoder.parameters(), t, trained.parameters() if trained is not None else ())
     total_steps = t.epochs * len(loader)  # max_steps only cuts a run short; the schedule stays the same
-    schedules = [lr_lambda(cfg, total_steps)]
-    if trained is not None:  # the encoder's rate is 0 until train.unfreeze_epoch, then follows the schedule
-        frozen_steps = (t.unfreeze_epoch - 1) * len(loader)
-        schedules.append(lambda step: 0.0 if step < frozen_steps else schedules[0](step))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     return _Run(cfg, device, rank, world, state, vocab, encoder, decoder, model, ddp_model, train_ex, dev_ex,
                 dev_src, train_set, batches, loader, dev_loader, optimizer, scheduler, reward, references,
                 store_encoder=trained is not None or "encoder" in (start or {}))
@@ -393,6 +390,11 @@ def _train_epoch(run: _Run, epoch: int, progress: _Progress) -> dict:
             loss, r = step_loss(batch)
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if run.model.encoder is not None and epoch < t.unfreeze_epoch:
+            # Not yet unfrozen: its gradients (all ranks have the same, after DDP's reduction) are dropped, so
+            # they neither scale the decoder's clipping nor move the encoder or its Adam moments.
+            for p in run.model.encoder.parameters():
+                p.grad = None
         nn.utils.clip_grad_norm_(run.model.parameters(), t.grad_clip)
         run.optimizer.step()
         run.scheduler.step()
