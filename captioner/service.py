@@ -27,7 +27,7 @@ from pydantic import BaseModel
 from starlette.datastructures import Headers
 
 from . import __version__
-from .images import ImageError, ImageTooLarge, open_image
+from .images import ImageError, ImageTooLarge, decode_cost, open_image
 from .inference import Captioner
 from .limits import MAX_BEAM, MAX_LEN, MAX_N_BEST, Limits, Overloaded, PixelBudget
 from .microbatch import Batcher
@@ -109,9 +109,9 @@ def create_app(captioner: Captioner, limits: Limits = Limits(), ui: bool = True)
     budget = PixelBudget(limits.pixel_budget, limits.max_waiting, limits.max_wait_s)
 
     def preprocess(src):
-        """One image, from any thread: its size from the header, then a decode within the pixel budget."""
+        """One image, from any thread: its size and mode from the header, then a decode within the pixel budget."""
         image = open_image(src, limits.max_pixels)
-        with budget.admit(image.width * image.height):
+        with budget.admit(decode_cost(image.width, image.height, image.mode)):
             return captioner.preprocess(image)
 
     def caption(images: list, **decode_options) -> list:
