@@ -16,7 +16,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
