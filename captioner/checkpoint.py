@@ -15,13 +15,10 @@ from pathlib import Path
 import torch
 
 from .config import Config
+from .errors import CheckpointError
 from .files import atomic_path
 
 FORMAT = "captioner-checkpoint/1"
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def save(path: str | Path, *, config: dict, vocab: dict, decoder: dict | list[dict], encoder: dict | None = None,

@@ -5,6 +5,9 @@ import argparse
 import json
 import sys
 
+from .errors import CheckpointError, StaleCache, WeightsUnavailable, needs_train_extra
+from .output import decode_args, decode_options, print_captions
+
 
 def _checkpoint_arg(p):
     p.add_argument("--checkpoint", "-c", default=None, help="checkpoint file (default: the shipped model)")
@@ -19,46 +22,19 @@ def _engine_arg(p):
                    help="what runs the encoder (default: the model's, auto = onnxruntime on a CPU, torch on a GPU)")
 
 
-def _decode_args(p):
-    p.add_argument("--beam", type=int, default=None, help="beam size (1 = greedy; default: the model's)")
-    p.add_argument("--max-len", type=int, default=None, help="longest caption in words")
-    p.add_argument("--length-penalty", choices=["none", "avg", "wu"], default=None)
-
-
-def _decode_options(args) -> dict:
-    return dict(beam_size=args.beam, max_len=args.max_len, length_penalty=args.length_penalty)
-
-
 def _server_args(p, port: int):
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 for every one)")
     p.add_argument("--port", type=int, default=port)
     p.add_argument("--max-pixels", type=int, help="width x height limit of one image (default 40 million)")
 
 
-def print_captions(caption, paths: list[str], *, n_best: int, as_json: bool, **options) -> int:
-    """`image<TAB>caption` lines (or JSON lines) from `caption` (Captioner.caption or Runtime.caption);
-    an image that cannot be read is reported and skipped. Returns the exit status: 1 if any failed."""
-    from .images import ImageError
-
-    failed = 0
-    for path in paths:
-        try:
-            result = caption(path, n_best=n_best, **options)
-        except ImageError as e:
-            failed += 1
-            print(json.dumps({"image": path, "error": str(e)}) if as_json else f"{path}\terror: {e}",
-                  file=sys.stdout if as_json else sys.stderr)
-            continue
-        for r in result if isinstance(result, list) else [result]:
-            print(json.dumps({"image": path, **r}) if as_json else f"{path}\t{r['caption']}")
-    return 1 if failed else 0
-
-
 def cmd_caption(args):
-    from .inference import Captioner
+    from . import bundles
+    from .config import DecodeConfig
 
-    cap = Captioner.load(args.checkpoint, device=args.device, precision=args.precision, engine=args.engine)
-    return print_captions(cap.caption, args.images, n_best=args.n_best, as_json=args.json, **_decode_options(args))
+    DecodeConfig().replace(**decode_options(args))  # a bad value fails here, whichever engine then serves
+    cap = bundles.load(args.checkpoint, device=args.device, precision=args.precision, engine=args.engine)
+    return print_captions(cap.caption, args.images, n_best=args.n_best, as_json=args.json, **decode_options(args))
 
 
 def cmd_caption_dir(args):
@@ -73,7 +49,7 @@ def cmd_caption_dir(args):
     exts = args.ext.split(",") if args.ext else DEFAULT_EXTS
     s = caption_dir(cap, args.dir, out, recursive=args.recursive, exts=exts,
                     batch_size=args.batch_size, workers=args.workers, shard_spec=(index, count),
-                    retry_errors=args.retry_errors, wait=args.wait, options=cap.options(**_decode_options(args)))
+                    retry_errors=args.retry_errors, wait=args.wait, options=cap.options(**decode_options(args)))
     retried = f" ({s.retried} of them retried error rows)" if s.retried else ""
     print(f"{s.total} images: {s.captioned} captioned, {s.errors} errors{retried}, {s.skipped} already in {out}",
           file=sys.stderr)
@@ -87,14 +63,14 @@ def cmd_evaluate(args):
                       precision=args.precision, engine=args.engine,
                       results=args.results, human=args.human, coco=False if args.no_coco else None,
                       out=args.out, batch_size=args.batch_size, workers=args.workers, progress=not args.json,
-                      **_decode_options(args))
+                      **decode_options(args))
     print(json.dumps(report) if args.json else format_report(report))
     return 0
 
 
 def cmd_extract_features(args):
     from .config import load_config
-    from .train import extract_all
+    from .features import extract_all
 
     cfg = load_config(args.config, args.overrides)
     if args.engine:
@@ -165,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("caption", help="caption images")
     p.add_argument("images", nargs="+", help="image files")
     _checkpoint_arg(p)
-    _decode_args(p)
+    decode_args(p)
     p.add_argument("--n-best", type=int, default=1, help="print the N best captions per image")
     p.add_argument("--json", action="store_true", help='JSON lines: {"image", "caption", "score"}')
     p.set_defaults(func=cmd_caption)
@@ -186,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true",
                    help="if another run is writing --out, wait for it to end (default: refuse at once)")
     _checkpoint_arg(p)
-    _decode_args(p)
+    decode_args(p)
     p.set_defaults(func=cmd_caption_dir)
 
     p = sub.add_parser("evaluate", help="BLEU (and coco-caption metrics) of a model, a results file or humans on a split")
@@ -203,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2, help="image-decoding processes (0 = in the main process)")
     _checkpoint_arg(p)
-    _decode_args(p)
+    decode_args(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("extract-features", help="cache encoder features of the train and dev splits")
@@ -271,15 +247,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from .checkpoint import CheckpointError
-    from .encoders import WeightsUnavailable
-    from .features import StaleCache
-
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (CheckpointError, WeightsUnavailable, StaleCache, FileNotFoundError, ValueError) as e:
         print(f"captioner {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        advice = needs_train_extra(e)
+        if advice is None:
+            raise
+        print(f"captioner {args.command}: {advice}", file=sys.stderr)
         return 2
 
 

@@ -17,15 +17,12 @@ import torch
 from torch import nn
 from torchvision import transforms as T
 
+from .errors import WeightsUnavailable
 from .images import load_image
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # JPEGs decode at reduced scale, never below this: much faster, and the transform shrinks them anyway.
 DRAFT_SIZE = 256
-
-
-class WeightsUnavailable(RuntimeError):
-    """Pretrained weights are not on this machine (and nothing is downloaded at run time)."""
 
 
 class Encoder(nn.Module):

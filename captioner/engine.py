@@ -16,7 +16,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +23,8 @@ from pathlib import Path
 import torch
 
 from .encoders import Encoder
-from .files import atomic_path, file_sha256, write_atomic
+from . import ort
+from .files import atomic_path, cache_dir, file_sha256, write_atomic
 
 ENGINES = ("auto", "onnxruntime", "torch")
 # Bump when the exported graph changes for the same weights (opset, input/output names).
@@ -45,13 +45,6 @@ def resolve_engine(engine: str, device: torch.device) -> str:
     if engine == "onnxruntime" and device.type != "cpu":
         raise EngineError(f"--engine onnxruntime runs on the CPU; use --engine torch for device {device}")
     return engine
-
-
-def cache_dir() -> Path:
-    """$CAPTIONER_CACHE, else $XDG_CACHE_HOME/captioner, else ~/.cache/captioner."""
-    if os.environ.get("CAPTIONER_CACHE"):
-        return Path(os.environ["CAPTIONER_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "captioner"
 
 
 def weights_checksum(module: torch.nn.Module) -> str:
@@ -106,18 +99,6 @@ def encoder_onnx(encoder: Encoder, folder: str | Path | None = None) -> Path:
     return path
 
 
-def ort_session(path: str | Path, threads: int | None = None):
-    """An onnxruntime CPU session. threads=None: torch's intra-op thread count, so both engines use the same cores."""
-    try:
-        from .runtime import ort_session as session
-    except ImportError as e:
-        raise EngineError("the onnxruntime engine needs the 'onnxruntime' package: pip install onnxruntime "
-                          "(or use --engine torch)") from e
-    # Idle onnxruntime threads otherwise spin for the next call, taking the cores from beam search (torch's
-    # threads) and the decode workers that run between encoder calls: caption-dir ran ~1.4x faster without.
-    return session(path, threads or torch.get_num_threads(), spin=False)
-
-
 def encoder_runner(encoder: Encoder, engine: str = "auto", device: torch.device = torch.device("cpu"),
                    threads: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """pixels (B, 3, H, W) -> features (B, encoder.width), float32, run by `engine`.
@@ -127,9 +108,12 @@ def encoder_runner(encoder: Encoder, engine: str = "auto", device: torch.device 
     """
     if resolve_engine(engine, device) == "onnxruntime":
         try:
-            session = ort_session(encoder_onnx(encoder), threads)
+            session = ort.session(encoder_onnx(encoder), threads)
         except Exception as e:
             if engine != "auto":
+                if isinstance(e, ImportError):
+                    raise EngineError("the onnxruntime engine needs the 'onnxruntime' package: pip install "
+                                      "onnxruntime (or use --engine torch)") from e
                 raise
             warnings.warn(f"the onnxruntime encoder engine is unavailable ({type(e).__name__}: {e}); "
                           "running the encoder in torch, several times slower", stacklevel=2)

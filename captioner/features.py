@@ -1,4 +1,5 @@
-"""Feature cache: run the frozen encoder once per image and keep v on disk.
+"""Feature cache: run the frozen encoder once per image and keep v on disk (or, with
+train.encoder_top_blocks, the maps below the cut: `cached_part`), for training and fine-tuning.
 
 Layout per split, in the cache folder:
   {split}.npy   an (N, D) array, opened memory-mapped (fp16 by default)
@@ -18,10 +19,14 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .data import Example, ImageFiles
-from .encoders import Encoder
+from . import checkpoint
+from .config import Config
+from .data import Example, ImageFiles, load_split
+from .encoders import Encoder, EncoderTop, build_encoder
 from .engine import encoder_runner, weights_checksum
+from .errors import StaleCache
 from .files import write_atomic
+from .inference import resolve_device
 
 
 def _paths(cache: Path, split: str) -> tuple[Path, Path]:
@@ -30,10 +35,6 @@ def _paths(cache: Path, split: str) -> tuple[Path, Path]:
 
 def _write_json(path: Path, obj) -> None:
     write_atomic(path, json.dumps(obj))
-
-
-class StaleCache(RuntimeError):
-    pass
 
 
 def extract(encoder: Encoder, examples: list[Example], cache: str | Path, split: str, *, batch_size: int = 64,
@@ -91,3 +92,30 @@ def open_features(cache: str | Path, split: str, examples: list[Example], encode
     if meta["done"] < len(meta["ids"]):
         raise StaleCache(f"feature extraction for {split!r} stopped at {meta['done']}/{len(meta['ids'])}; {hint} to resume")
     return np.load(arr_path, mmap_mode="r")
+
+
+def build_start_encoder(cfg: Config, start: dict | None) -> Encoder:
+    """The encoder a run starts from: the pretrained one, or the fine-tuned one the start checkpoint stores."""
+    return build_encoder(cfg.model.encoder, cfg.model.pretrained, trainable=cfg.model.finetune_encoder,
+                         regions=cfg.model.attention, state=(start or {}).get("encoder"))
+
+
+def cached_part(cfg: Config, encoder: Encoder) -> tuple[Encoder, EncoderTop | None, Path]:
+    """(what the feature cache holds, the trained top or None, where the cache is): the whole
+    encoder's v in data.feature_cache, or with train.encoder_top_blocks the maps below the cut,
+    in a subfolder named for the cut."""
+    if not cfg.train.encoder_top_blocks:
+        return encoder, None, Path(cfg.data.feature_cache)
+    below, top = encoder.split(cfg.train.encoder_top_blocks)
+    return below, top, Path(cfg.data.feature_cache) / below.name
+
+
+def extract_all(cfg: Config, batch_size: int = 64, num_workers: int = 2, splits: list[str] | None = None) -> None:
+    """Cache encoder features (or the maps below the cut) of the train and dev splits, or of `splits`
+    (resumable), run by cfg.decode.engine."""
+    cached, _, folder = cached_part(cfg, build_start_encoder(
+        cfg, checkpoint.load(cfg.train.init_from) if cfg.train.init_from else None))
+    device = resolve_device(cfg.train.device)
+    for split in splits or (cfg.data.train_split, cfg.data.dev_split):
+        extract(cached, load_split(cfg.data, split), folder, split, batch_size=batch_size,
+                num_workers=num_workers, dtype=cfg.data.feature_dtype, device=device, engine=cfg.decode.engine)

@@ -5,6 +5,8 @@ evaluation reports, a compacted caption-dir output) goes through `atomic_path`: 
 temporary file beside the target, fsync it, rename it over the target, fsync the folder
 so the rename itself survives a crash. Appended result rows are the one exception
 (folder.OutputFile, which fsyncs each append).
+
+Also where captioner's own files are: the shipped model, and the per-user cache of exports.
 """
 from __future__ import annotations
 
@@ -24,6 +26,14 @@ def _read_umask() -> int:
 
 
 UMASK = _read_umask()
+DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "flickr8k_lite0.pt"
+
+
+def cache_dir() -> Path:
+    """$CAPTIONER_CACHE, else $XDG_CACHE_HOME/captioner, else ~/.cache/captioner."""
+    if os.environ.get("CAPTIONER_CACHE"):
+        return Path(os.environ["CAPTIONER_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "captioner"
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ The steps, each done by the module that owns it:
      OUT/config.yaml reruns the training with `captioner train`;
   3. extend the starting model's vocabulary with the new words (`grow_vocabulary`) and save
      that model as OUT/start.pt;
-  4. cache both parts' features (`train.extract_all`), then `train.train`: teacher forcing
+  4. cache both parts' features (`features.extract_all`), then `train.train`: teacher forcing
      from OUT/start.pt, early stop on validation BLEU-4, optionally a share of the starting
      model's own training data in the batches (`train.replay`), optionally self-critical
      epochs after;
@@ -35,11 +35,11 @@ from . import checkpoint
 from .config import Config, DataConfig, TrainConfig
 from .data import FORMATS, Example, detect_format, load_split
 from .evaluate import MISSING_FILE, NO_REFERENCES, SHOW_SKIPPED, UNREADABLE, decode_features
-from .features import StaleCache, open_features
+from .features import StaleCache, extract_all, open_features
 from .images import ImageError, load_image
 from .inference import DEFAULT_CHECKPOINT, Captioner
 from .metrics import CiderD, bleu
-from .train import extract_all, train
+from .train import train
 from .vocab import Vocab, tokenize
 
 

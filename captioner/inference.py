@@ -20,11 +20,11 @@ from .config import Config, DecodeConfig
 from .decoder import Decoder, Ensemble, build_decoder
 from .encoders import Encoder, build_encoder
 from .engine import ENGINES, encoder_runner
+from .files import DEFAULT_CHECKPOINT
 from .hardware import check_bf16
 from .search import Hypothesis, beam_search, greedy, sample
 from .vocab import Vocab
 
-DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "flickr8k_lite0.pt"
 TRAIN_HINT = (
     "Train one with:\n"
     "  captioner extract-features --config configs/flickr8k_lite0.yaml\n"

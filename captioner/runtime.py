@@ -2,7 +2,7 @@
 
 A bundle folder holds three ONNX graphs and bundle.json (docs/deploy.md lists every input
 and output). This module imports only numpy, onnxruntime, Pillow, the standard library and
-captioner's own torch-free modules (images, vocab, cli), so it runs where torch is not
+captioner's own torch-free modules (images, vocab, ort, output), so it runs where torch is not
 installed. It gives what `Captioner.caption` gives, computed the same way: the same
 preprocessing (torchvision's Resize on a PIL image is PIL's bilinear resize with the same
 output size), greedy decoding and the same beam search (finished captions kept apart from
@@ -21,11 +21,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from PIL import Image
 
 from .files import file_sha256
 from .images import load_image
+from .ort import session
 from .vocab import Vocab
 
 FORMAT = "captioner-bundle"
@@ -37,18 +37,6 @@ PENALTIES = ("none", "avg", "wu")
 
 class BundleError(ValueError):
     """The folder is not a bundle this runtime can run; the message says why."""
-
-
-def ort_session(path: str | Path, threads: int | None = None, spin: bool = True) -> ort.InferenceSession:
-    """An onnxruntime CPU session; threads=None lets onnxruntime choose (one per physical core).
-    spin=False: its threads sleep between runs instead of busy-waiting for the next one."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or 0
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if not spin:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def read_manifest(folder: str | Path) -> dict:
@@ -108,11 +96,9 @@ class Runtime:
         self.prep, self.defaults = self.manifest["preprocess"], self.manifest["decode"]
         self.banned = self.defaults["banned"]  # <pad>, <start>, <unk>: never in a caption
         files = self.manifest["files"]
-        # The decoder's products are small (k rows): one thread each, no pool to wake. The encoder's
-        # threads must not busy-wait between images on the cores the decoder then needs
-        # (docs/deploy.md: 3x the single-image latency with spinning, on a loaded 2-core machine).
-        self.encoder = ort_session(folder / files["encoder"]["path"], threads, spin=False)
-        self.init, self.step = (ort_session(folder / files[g]["path"], 1) for g in GRAPHS[1:])
+        # The decoder's products are small (k rows): one thread each, no pool to wake.
+        self.encoder = session(folder / files["encoder"]["path"], threads)
+        self.init, self.step = (session(folder / files[g]["path"], 1) for g in GRAPHS[1:])
         self.state_names = self.manifest["decoder"]["state"]  # ["h", "c"] for an LSTM, ["h"] for a GRU/RNN
         self._mean = np.asarray(self.prep["mean"], np.float32)[:, None, None]
         self._std = np.asarray(self.prep["std"], np.float32)[:, None, None]
@@ -246,21 +232,21 @@ class Runtime:
 
 
 def main(argv=None) -> int:
-    from .cli import _decode_args, _decode_options, print_captions
+    from .output import decode_args, decode_options, print_captions
 
     p = argparse.ArgumentParser(prog="python -m captioner.runtime",
                                 description="Caption images with an exported bundle, without torch.")
     p.add_argument("bundle", help="bundle folder written by `captioner export`")
     p.add_argument("images", nargs="+", help="image files")
-    _decode_args(p)
+    decode_args(p)
     p.add_argument("--n-best", type=int, default=1, help="print the N best captions per image")
     p.add_argument("--json", action="store_true", help='JSON lines: {"image", "caption", "score"}')
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: one per core)")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: one per physical core)")
     args = p.parse_args(argv)
     try:
         runtime = Runtime(args.bundle, threads=args.threads)
         return print_captions(runtime.caption, args.images, n_best=args.n_best, as_json=args.json,
-                              **_decode_options(args))
+                              **decode_options(args))
     except ValueError as e:  # BundleError, bad options
         print(f"captioner.runtime: error: {e}", file=sys.stderr)
         return 2

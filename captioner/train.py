@@ -36,40 +36,12 @@ from . import checkpoint
 from .config import Config, TrainConfig
 from .data import CaptionDataset, ImageFiles, LengthBatches, collate, image_input, load_split, with_replay
 from .decoder import Decoder, build_decoder, caption_loss
-from .encoders import Encoder, EncoderTop, build_encoder
-from .features import extract, open_features
+from .features import build_start_encoder, cached_part, open_features
 from .hardware import check_bf16
 from .inference import Captioner, resolve_device
 from .evaluate import evaluate_bleu
 from .scst import Images, reward_function, self_critical_loss
 from .vocab import Vocab, tokenize
-
-
-def build_start_encoder(cfg: Config, start: dict | None) -> Encoder:
-    """The encoder a run starts from: the pretrained one, or the fine-tuned one the start checkpoint stores."""
-    return build_encoder(cfg.model.encoder, cfg.model.pretrained, trainable=cfg.model.finetune_encoder,
-                         regions=cfg.model.attention, state=(start or {}).get("encoder"))
-
-
-def cached_part(cfg: Config, encoder: Encoder) -> tuple[Encoder, EncoderTop | None, Path]:
-    """(what the feature cache holds, the trained top or None, where the cache is): the whole
-    encoder's v in data.feature_cache, or with train.encoder_top_blocks the maps below the cut,
-    in a subfolder named for the cut."""
-    if not cfg.train.encoder_top_blocks:
-        return encoder, None, Path(cfg.data.feature_cache)
-    below, top = encoder.split(cfg.train.encoder_top_blocks)
-    return below, top, Path(cfg.data.feature_cache) / below.name
-
-
-def extract_all(cfg: Config, batch_size: int = 64, num_workers: int = 2, splits: list[str] | None = None) -> None:
-    """Cache encoder features (or the maps below the cut) of the train and dev splits, or of `splits`
-    (resumable), run by cfg.decode.engine."""
-    cached, _, folder = cached_part(cfg, build_start_encoder(
-        cfg, checkpoint.load(cfg.train.init_from) if cfg.train.init_from else None))
-    device = resolve_device(cfg.train.device)
-    for split in splits or (cfg.data.train_split, cfg.data.dev_split):
-        extract(cached, load_split(cfg.data, split), folder, split, batch_size=batch_size,
-                num_workers=num_workers, dtype=cfg.data.feature_dtype, device=device, engine=cfg.decode.engine)
 
 
 class Trainable(nn.Module):

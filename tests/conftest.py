@@ -29,7 +29,8 @@ def tiny_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tiny_data, tmp_path_factory):
     """Features extracted and a tiny model trained for a few epochs: (config, checkpoint path)."""
-    from captioner.train import extract_all, train
+    from captioner.features import extract_all
+    from captioner.train import train
 
     work = tmp_path_factory.mktemp("tiny_run")
     cfg = tiny_config(tiny_data, work, "train.epochs=8")

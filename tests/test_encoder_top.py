@@ -15,9 +15,9 @@ from captioner.data import collate, load_split, CaptionDataset
 from captioner.decoder import caption_loss
 from captioner.encoders import build_encoder
 from captioner.export import export_bundle
-from captioner.features import StaleCache, extract, open_features
+from captioner.features import StaleCache, extract, extract_all, open_features
 from captioner.runtime import Runtime
-from captioner.train import extract_all, train
+from captioner.train import train
 
 
 @pytest.mark.parametrize("top_blocks", [1, 5])

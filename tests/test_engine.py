@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import FLICKR8K, ROOT, requires_flickr8k
-from captioner import engine
+from captioner import engine, ort
 from captioner.files import file_sha256
 from captioner.encoders import build_encoder
 from captioner.inference import Captioner
@@ -59,7 +59,7 @@ def test_the_export_is_reused_and_a_corrupt_one_is_exported_again(tmp_path):
     assert json.loads(path.with_suffix(".json").read_text())["sha256"] == file_sha256(path)
 
     path.write_bytes(path.read_bytes()[:1000])  # torn
-    session = engine.ort_session(engine.encoder_onnx(encoder, tmp_path))
+    session = ort.session(engine.encoder_onnx(encoder, tmp_path))
     pixels = torch.randn(2, 3, 224, 224)
     torch.testing.assert_close(torch.from_numpy(session.run(None, {"pixels": pixels.numpy()})[0]),
                                engine.encoder_runner(encoder, "torch")(pixels), atol=1e-4, rtol=1e-4)

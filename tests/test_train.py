@@ -91,7 +91,7 @@ def test_finetuning_the_encoder_trains_on_images_and_stores_its_weights(tiny_dat
 
 def test_attention_model_trains_on_cached_regions_and_captions_images(tiny_data, tmp_path):
     from captioner import Captioner
-    from captioner.train import extract_all
+    from captioner.features import extract_all
 
     cfg = tiny_config(tiny_data, tmp_path, "model.attention=true", "model.feature_proj=32", "train.epochs=4")
     extract_all(cfg, batch_size=16, num_workers=0)

@@ -1,0 +1,40 @@
+"""What the captioning commands share: the decoding-option flags and the caption lines they print.
+
+Torch-free (the standard library; images only when printing), so both `captioner caption` (captioner.cli)
+and `python -m captioner.runtime` use it.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def decode_args(p) -> None:
+    """The decoding flags on an argparse parser; decode_options reads them back."""
+    p.add_argument("--beam", type=int, default=None, help="beam size (1 = greedy; default: the model's)")
+    p.add_argument("--max-len", type=int, default=None, help="longest caption in words")
+    p.add_argument("--length-penalty", choices=["none", "avg", "wu"], default=None)
+
+
+def decode_options(args) -> dict:
+    """The parsed decoding flags as Captioner / Runtime options (None: the model's setting)."""
+    return dict(beam_size=args.beam, max_len=args.max_len, length_penalty=args.length_penalty)
+
+
+def print_captions(caption, paths: list[str], *, n_best: int, as_json: bool, **options) -> int:
+    """`image<TAB>caption` lines (or JSON lines) from `caption` (Captioner.caption or Runtime.caption);
+    an image that cannot be read is reported and skipped. Returns the exit status: 1 if any failed."""
+    from .images import ImageError
+
+    failed = 0
+    for path in paths:
+        try:
+            result = caption(path, n_best=n_best, **options)
+        except ImageError as e:
+            failed += 1
+            print(json.dumps({"image": path, "error": str(e)}) if as_json else f"{path}\terror: {e}",
+                  file=sys.stdout if as_json else sys.stderr)
+            continue
+        for r in result if isinstance(result, list) else [result]:
+            print(json.dumps({"image": path, **r}) if as_json else f"{path}\t{r['caption']}")
+    return 1 if failed else 0

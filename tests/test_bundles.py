@@ -1,0 +1,74 @@
+"""`captioner caption` on a CPU: served from the checkpoint's cached bundle without torch, with torch's captions."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import FLICKR8K, ROOT, requires_flickr8k
+
+# The child cannot import torch or torchvision: a caption served from the bundle must not need them.
+NO_TORCH = "import sys\nfor m in ('torch', 'torchvision'): sys.modules[m] = None\n"
+RUN_CLI = "from captioner.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+DEMO = sorted(str(p) for p in (ROOT / "demo" / "examples").glob("*.jpg"))
+
+
+def captioner(cache, *args: str, torch: bool = True) -> subprocess.CompletedProcess:
+    code = ("import sys\n" if torch else NO_TORCH) + RUN_CLI
+    env = {**os.environ, "CAPTIONER_CACHE": str(cache)}
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=600)
+
+
+def test_first_use_prepares_the_bundle_offline_then_captions_without_torch(tiny_run, tmp_path):
+    _, model = tiny_run
+    photos = DEMO[:3]
+    torch_run = captioner(tmp_path, "caption", *photos, "-c", str(model), "--engine", "torch", "--json")
+    assert torch_run.returncode == 0 and torch_run.stderr == "", torch_run.stderr
+    assert not (tmp_path / "bundles").exists()  # --engine torch makes no bundle
+
+    first = captioner(tmp_path, "caption", *photos, "-c", str(model), "--json")
+    assert first.returncode == 0, first.stderr
+    note = first.stderr.strip().splitlines()
+    assert len(note) == 1 and note[0].startswith(f"captioner: preparing {model.name} for onnxruntime"), first.stderr
+
+    again = captioner(tmp_path, "caption", *photos, "-c", str(model), "--json", torch=False)
+    assert again.returncode == 0 and again.stderr == "", again.stderr
+    rows = [json.loads(line) for line in again.stdout.splitlines()]
+    assert [r["caption"] for r in rows] == [json.loads(line)["caption"] for line in torch_run.stdout.splitlines()]
+    assert first.stdout == again.stdout
+
+
+def test_without_torch_and_without_a_bundle_the_advice_is_one_line(tiny_run, tmp_path):
+    _, model = tiny_run
+    r = captioner(tmp_path, "caption", DEMO[0], "-c", str(model), torch=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == ("captioner caption: this needs torch, which comes with the "
+                                                 "training extra: pip install 'captioner[train]'")
+
+
+def test_bad_options_fail_before_any_model_loads(tmp_path):
+    r = captioner(tmp_path, "caption", DEMO[0], "--beam", "0", torch=False)
+    assert r.returncode == 2 and "beam_size must be an integer >= 1" in r.stderr, r.stderr
+
+
+@requires_flickr8k()
+def test_the_shipped_model_captions_real_photos_as_torch_does(tmp_path):
+    names = (FLICKR8K / "Flickr_8k.devImages.txt").read_text().split()[:40]
+    photos = [str(FLICKR8K / "Flicker8k_Dataset" / n) for n in names] + DEMO
+    by_torch = captioner(tmp_path, "caption", *photos, "--engine", "torch")
+    assert by_torch.returncode == 0, by_torch.stderr
+    captioner(tmp_path, "caption", DEMO[0])  # prepares the bundle
+    served = captioner(tmp_path, "caption", *photos, torch=False)
+    assert served.returncode == 0, served.stderr
+    assert served.stdout == by_torch.stdout and len(served.stdout.splitlines()) == len(photos)
+
+
+@pytest.mark.parametrize("args", [["--engine", "torch"], ["--precision", "bf16"]])
+def test_what_only_torch_runs_is_served_by_torch(tiny_run, tmp_path, args):
+    _, model = tiny_run
+    r = captioner(tmp_path, "caption", DEMO[0], "-c", str(model), *args, torch=False)
+    assert r.returncode == 2 and "pip install 'captioner[train]'" in r.stderr  # it asked for torch

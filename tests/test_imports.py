@@ -1,0 +1,58 @@
+"""The package's import graph: no circle of modules, and commands load only what they use."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from import_graph import cycles, graph  # noqa: E402
+
+# Run in a child where torch and torchvision cannot be imported, then say whether anything tried.
+NO_TORCH = """
+import sys
+for m in ("torch", "torchvision"):
+    sys.modules[m] = None  # `import torch` now raises ImportError
+from captioner.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as e:
+    code = e.code
+sys.exit(code)
+"""
+
+
+def captioner_without_torch(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", NO_TORCH, *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+
+
+def test_no_import_cycle_counting_imports_inside_functions():
+    edges = graph(ROOT / "captioner", inner=True)
+    assert "output" in edges["runtime"] and "features" in edges["cli"]  # inner imports were read
+    assert cycles(edges) == []
+
+
+def test_cycles_finds_a_circle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_help_and_argument_errors_do_not_import_torch():
+    r = captioner_without_torch("--help")
+    assert r.returncode == 0 and "caption-dir" in r.stdout, r.stderr
+    for command in ("caption", "caption-dir", "serve", "train", "evaluate", "export"):
+        r = captioner_without_torch(command, "--help")
+        assert r.returncode == 0 and "usage: captioner" in r.stdout, (command, r.stderr)
+    for bad in (["caption"], ["caption", "x.jpg", "--beam", "three"], ["no-such-command"]):
+        r = captioner_without_torch(*bad)
+        assert r.returncode == 2 and "usage: captioner" in r.stderr and "Traceback" not in r.stderr, (bad, r.stderr)
+
+
+def test_a_command_that_needs_the_training_extra_says_so_in_one_line(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("{}\n")
+    r = captioner_without_torch("train", "--config", str(config))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == ["captioner train: this needs torch, which comes with the training "
+                                             "extra: pip install 'captioner[train]'"]
