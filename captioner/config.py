@@ -154,13 +154,13 @@ class Config:
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown config section(s): {sorted(unknown)}")
-        return cls(**{f.name: _section(f.type, f.name, d.get(f.name) or {}) for f in dataclasses.fields(cls)})
+        return cls(**{f.name: _section(f.name, d.get(f.name) or {}) for f in dataclasses.fields(cls)})
 
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "decode": DecodeConfig}
 
 
-def _section(_type, name: str, values: dict):
+def _section(name: str, values: dict):
     klass = _SECTIONS[name]
     known = {f.name for f in dataclasses.fields(klass)}
     unknown = set(values) - known

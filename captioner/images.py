@@ -14,8 +14,6 @@ from pathlib import Path
 
 from PIL import ExifTags, Image, ImageOps
 
-ImageInput = "str | Path | bytes | BinaryIO | Image.Image"
-
 MAX_PIXELS = 40_000_000  # width x height of one image; a 40-Mpx RGB image takes 120 MB decoded
 
 
