@@ -100,7 +100,7 @@ class DecodeConfig:
     # What runs the frozen encoder: auto (onnxruntime on a CPU, torch on a GPU) | onnxruntime | torch.
     engine: str = "auto"
 
-    def replace(self, **options) -> "DecodeConfig":
+    def replace(self, **options) -> DecodeConfig:
         """A copy with `options` set (None keeps a setting), checked: a typo or a bad value fails here,
         at the top, not inside a search."""
         known = {f.name for f in dataclasses.fields(self)}
@@ -149,18 +149,18 @@ class Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Config":
+    def from_dict(cls, d: dict) -> Config:
         d = d or {}
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown config section(s): {sorted(unknown)}")
-        return cls(**{f.name: _section(f.type, f.name, d.get(f.name) or {}) for f in dataclasses.fields(cls)})
+        return cls(**{f.name: _section(f.name, d.get(f.name) or {}) for f in dataclasses.fields(cls)})
 
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "decode": DecodeConfig}
 
 
-def _section(_type, name: str, values: dict):
+def _section(name: str, values: dict):
     klass = _SECTIONS[name]
     known = {f.name for f in dataclasses.fields(klass)}
     unknown = set(values) - known

@@ -184,7 +184,7 @@ def detect_format(data: str | Path) -> str:
         if "image" in first and "caption" in first:  # a CSV header under another name
             return "csv"
         raise ValueError(f"{data} is not a JSON file ({e}); give a Flickr8k folder, a Karpathy or COCO JSON, "
-                         "a CSV or a JSONL file")
+                         "a CSV or a JSONL file") from None
     if isinstance(content, dict) and "annotations" in content:
         return "coco"
     if isinstance(content, dict) and any("sentences" in img for img in content.get("images", [])):

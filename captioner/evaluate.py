@@ -111,7 +111,7 @@ def caption_split(captioner, examples: list[Example], batch_size: int = 32, work
     done = 0
     for batch in tqdm(batches, desc="captioning", unit="batch", disable=not progress, file=sys.stderr,
                       total=-(-len(usable) // batch_size)):
-        for ex, (_, results, error) in zip(usable[done:], batch):
+        for ex, (_, results, _error) in zip(usable[done:], batch):
             if results is None:
                 out.skip(UNREADABLE, ex.image_id)
             else:
@@ -190,7 +190,8 @@ def leave_one_out(examples: list[Example]) -> Captions:
 # -- scoring and the report -------------------------------------------------------------
 def evaluate(data, split=None, images=None, *, checkpoint=None, device="auto", precision=None, engine=None,
              results=None,
-             human=False, coco: bool | None = None, out=None, batch_size: int = 32, workers: int = 0, progress: bool = True,
+             human=False, coco: bool | None = None, out=None, batch_size: int = 32, workers: int = 0,
+             progress: bool = True,
              **decode_options) -> dict:
     """Score one split and return the report (see `format_report`); writes files into `out` if given.
 

@@ -20,8 +20,6 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
-ImageInput = "str | Path | bytes | BinaryIO | Image.Image"
-
 MAX_PIXELS = 40_000_000  # width x height of one image; a 40-Mpx RGB image takes 120 MB decoded
 # The largest shorter side any encoder resizes to (VGG16 256, EfficientNet-Lite0..2 224-260), with room:
 # checking against the largest keeps the loader independent of the model.

@@ -12,7 +12,7 @@ Sampling and scoring use the same policy: the caller puts the model in eval mode
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.utils.data import Dataset
@@ -76,7 +76,8 @@ def self_critical_loss(model, inputs: torch.Tensor, images: list[int], reward: R
     hyps = sample(core.decoder, feats.repeat_interleave(samples, 0), start=vocab.start, end=vocab.end, max_len=max_len,
                   banned=vocab.banned)
     seqs = [h[0].tokens for h in hyps]
-    rewards, score = reward([[vocab.itos[t] for t in s] for s in seqs], [images[i // samples] for i in range(len(seqs))])
+    words = [[vocab.itos[t] for t in s] for s in seqs]
+    rewards, score = reward(words, [images[i // samples] for i in range(len(seqs))])
     r = torch.tensor(rewards, device=inputs.device).view(-1, samples)
     advantage = (r - (r.sum(1, keepdim=True) - r) / (samples - 1)).view(-1, 1)
     # A sample cut off at max_len never chose <end>, so <end> is not part of what is scored.

@@ -36,10 +36,10 @@ from . import checkpoint
 from .config import Config, TrainConfig
 from .data import CaptionDataset, ImageFiles, LengthBatches, collate, image_input, load_split, with_replay
 from .decoder import Decoder, build_decoder, caption_loss
+from .evaluate import evaluate_bleu
 from .features import build_start_encoder, cached_part, open_features
 from .hardware import check_bf16
 from .inference import Captioner, resolve_device
-from .evaluate import evaluate_bleu
 from .scst import Images, reward_function, self_critical_loss
 from .vocab import Vocab, tokenize
 

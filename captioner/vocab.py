@@ -45,10 +45,10 @@ class Vocab:
     banned = (pad, start, unk)  # what a generated caption may never contain (every search and sampler)
 
     @classmethod
-    def build(cls, captions: Iterable[str], min_count: int = 5) -> "Vocab":
+    def build(cls, captions: Iterable[str], min_count: int = 5) -> Vocab:
         return cls(_frequent(captions, min_count))
 
-    def extend(self, captions: Iterable[str], min_count: int = 5) -> "Vocab":
+    def extend(self, captions: Iterable[str], min_count: int = 5) -> Vocab:
         """This vocabulary plus the words of `captions` seen at least min_count times that it lacks,
         appended: every existing word keeps its id."""
         return Vocab(self.itos + [w for w in _frequent(captions, min_count) if w not in self.stoi])
@@ -77,7 +77,7 @@ class Vocab:
         return {"itos": list(self.itos), "tokenizer": TOKENIZER}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Vocab":
+    def from_dict(cls, d: dict) -> Vocab:
         itos = d["itos"]
         if tuple(itos[: len(SPECIALS)]) != SPECIALS:
             raise ValueError(f"vocabulary must start with {SPECIALS}")

@@ -109,7 +109,7 @@ def run(checkpoint: str | Path | None = None, n_images: int = 200, batch_size: i
     latencies = {e: [] for e in ENGINES}
     for f in files[:latency_images]:
         for e, cap in caps.items():
-            latencies[e].append(_seconds(lambda: cap.caption(f)) * 1000)
+            latencies[e].append(_seconds(lambda cap=cap, f=f: cap.caption(f)) * 1000)
     med = statistics.median
     d = caps["auto"].config.decode
     r = {

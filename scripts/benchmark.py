@@ -82,7 +82,7 @@ class LoopDecoder(nn.Module):
         self.out = nn.Linear(hidden_dim, vocab_size)
 
     @classmethod
-    def like(cls, decoder: Decoder) -> "LoopDecoder":
+    def like(cls, decoder: Decoder) -> LoopDecoder:
         """A LoopDecoder holding a copy of `decoder`'s weights (a 1-layer LSTM with inject="every")."""
         if (decoder.cell, decoder.inject, decoder.num_layers) != ("lstm", "every", 1):
             raise ValueError("LoopDecoder mirrors only a 1-layer LSTM decoder with inject='every'")
@@ -226,7 +226,8 @@ def dev_features(cfg: Config, n: int) -> tuple[torch.Tensor, str]:
     if path.is_file():
         done = json.loads(path.with_suffix(".json").read_text())["done"]
         if done >= n:
-            return torch.from_numpy(np.load(path, mmap_mode="r")[:n].astype(np.float32)), f"cached dev features ({path.name})"
+            feats = torch.from_numpy(np.load(path, mmap_mode="r")[:n].astype(np.float32))
+            return feats, f"cached dev features ({path.name})"
     return torch.rand(n, 1280) * 2, "random features (no feature cache found)"
 
 
@@ -251,7 +252,8 @@ def bench_beam(payload: dict, feats: torch.Tensor, beam: int, repeats: int) -> d
     for p, atol in (("fp32", 1e-3), ("bf16", 2e-2)):
         for a, b in zip(out[f"batched_{p}"], out[f"single_{p}"]):
             assert [h.tokens for h in a] == [h.tokens for h in b], f"batched beam search changed a caption ({p})"
-            assert np.allclose([h.score for h in a], [h.score for h in b], atol=atol), f"batched beam scores differ ({p})"
+            assert np.allclose([h.score for h in a], [h.score for h in b], atol=atol), \
+                f"batched beam scores differ ({p})"
     captions = {p: [vocab.decode(h[0].tokens) for h in out[f"batched_{p}"]] for p in caps}
     r = {"beam_sizes": f"{len(feats)} images, beam {beam}, max_len {kw['max_len']}",
          "distinct_captions": len(set(captions["fp32"])), "example_caption": captions["fp32"][0],

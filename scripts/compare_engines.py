@@ -33,10 +33,10 @@ def main(argv=None) -> int:
     feats = {e: torch.cat([c.encode(pixels[i:i + 32]) for i in range(0, len(pixels), 32)]) for e, c in caps.items()}
     out = {e: [c.format(h)[0] for h in c.decode(feats[e])] for e, c in caps.items()}
     same = [a["caption"] == b["caption"] for a, b in zip(out["auto"], out["torch"])]
+    score_gap = max((abs(a["score"] - b["score"]) for a, b, s in zip(out["auto"], out["torch"], same) if s), default=0)
     print(f"{sum(same)} of {len(same)} captions identical ({100 * sum(same) / len(same):.1f}%); "
           f"largest feature difference {(feats['auto'] - feats['torch']).abs().max().item():.2e}; "
-          f"largest score difference among identical captions "
-          f"{max((abs(a['score'] - b['score']) for a, b, s in zip(out['auto'], out['torch'], same) if s), default=0):.2e}")
+          f"largest score difference among identical captions {score_gap:.2e}")
     for name, a, b, s in zip(names, out["auto"], out["torch"], same):
         if not s:
             print(f"  {name}: {a['caption']!r} ({a['score']}) vs torch {b['caption']!r} ({b['score']})")

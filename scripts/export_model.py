@@ -41,7 +41,7 @@ def main() -> None:
         else:
             payload = checkpoint.ensemble(payloads, args.sources)
     except checkpoint.CheckpointError as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None
     config = Config.from_dict(apply_overrides(payload["config"], args.overrides)).to_dict()  # validates keys
     checkpoint.save(args.out, config=config, vocab=payload["vocab"], decoder=payload["decoder"],
                     encoder=payload.get("encoder"), half=True)

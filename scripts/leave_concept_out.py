@@ -9,7 +9,8 @@
     captioner finetune --data runs/concept/concept_train.jsonl --images ../shared/data/flickr8k/Flicker8k_Dataset \
         --from runs/concept/base/best.pt --out runs/concept/finetuned
     # 4. dev photos of the concept vs the rest of dev, before and after
-    python scripts/leave_concept_out.py report --out runs/concept runs/concept/base/best.pt runs/concept/finetuned/best.pt
+    python scripts/leave_concept_out.py report --out runs/concept runs/concept/base/best.pt \
+        runs/concept/finetuned/best.pt
 
 The cached features must exist: captioner extract-features --config configs/flickr8k_lite0.yaml.
 """
@@ -26,9 +27,9 @@ from captioner import Captioner
 from captioner.config import load_config
 from captioner.data import load_flickr8k, load_split
 from captioner.encoders import build_encoder
+from captioner.evaluate import decode_features
 from captioner.features import open_features
 from captioner.finetune import scores, write_jsonl
-from captioner.evaluate import decode_features
 from captioner.vocab import tokenize
 
 BICYCLE = "bike bikes bicycle bicycles biker bikers bicyclist bicyclists cyclist cyclists bmx"

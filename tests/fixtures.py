@@ -34,7 +34,8 @@ def draw(colour, shape, seed: int, size: int = 224) -> Image.Image:
 
 def captions_for(name: str, shape: str) -> list[str]:
     return [f"A {name} {shape} on a white background .", f"a big {name} {shape} in the middle",
-            f"The {name} {shape} in the picture .", f"a {name} {shape} on white", f"one {name} {shape} on a grey background ."]
+            f"The {name} {shape} in the picture .", f"a {name} {shape} on white",
+            f"one {name} {shape} on a grey background ."]
 
 
 def make_flickr8k(root: Path, per_class: int = 6, dev_per_class: int = 2) -> Path:

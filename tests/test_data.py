@@ -61,7 +61,8 @@ def test_load_split_dispatches_on_config(tiny_data, tmp_path):
     cfg = load_config(None, [f"data.root={tiny_data}"])
     assert _key(load_split(cfg.data, "dev")) == _key(load_flickr8k(tiny_data, "dev"))
     kp = _write_karpathy(tiny_data, tmp_path / "k.json")
-    cfg = load_config(None, ["data.format=karpathy", f"data.root={kp}", f"data.images={tiny_data / 'Flicker8k_Dataset'}"])
+    images = tiny_data / "Flicker8k_Dataset"
+    cfg = load_config(None, ["data.format=karpathy", f"data.root={kp}", f"data.images={images}"])
     assert _key(load_split(cfg.data, "dev")) == _key(load_flickr8k(tiny_data, "dev"))
 
 

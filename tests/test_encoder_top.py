@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from captioner import Captioner, checkpoint
-from captioner.data import collate, load_split, CaptionDataset
+from captioner.data import CaptionDataset, collate, load_split
 from captioner.decoder import caption_loss
 from captioner.encoders import build_encoder
 from captioner.export import export_bundle

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import torch
-
 from conftest import FLICKR8K, ROOT, requires_flickr8k
+
 from captioner import engine, ort
-from captioner.files import file_sha256
 from captioner.encoders import build_encoder
+from captioner.files import file_sha256
 from captioner.inference import Captioner
 
 

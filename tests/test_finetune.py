@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
+from fixtures import draw
 
 from captioner import Captioner, checkpoint
 from captioner.finetune import Settings, finetune, format_report, grow_vocabulary, split_by_image
 from captioner.vocab import Vocab
-from fixtures import draw
 
 
 def test_vocab_extension_keeps_old_ids_and_rows_bit_identical(tiny_checkpoint):

@@ -22,8 +22,17 @@ from fixtures import draw
 from PIL import Image
 
 from captioner import cli
-from captioner.folder import (OutputError, OutputFile, OutputLocked, caption_dir, exclusive, list_images,
-                              parse_shard, resolve_shard, shard)
+from captioner.folder import (
+    OutputError,
+    OutputFile,
+    OutputLocked,
+    caption_dir,
+    exclusive,
+    list_images,
+    parse_shard,
+    resolve_shard,
+    shard,
+)
 from captioner.images import load_image
 
 ROOT = Path(__file__).resolve().parents[1]

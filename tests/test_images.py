@@ -5,10 +5,10 @@ import io
 import json
 
 import pytest
+from fixtures import png_header_only
 from PIL import Image
 
 from captioner.images import MAX_PIXELS, ImageTooLarge, load_image, open_image
-from fixtures import png_header_only
 
 OVER_THE_DEFAULT = (7000, 6000)  # 42 Mpx: over the 40-Mpx default, under Pillow's own bomb warning (89 Mpx)
 

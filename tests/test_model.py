@@ -8,9 +8,9 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT
 from PIL import Image
 
-from conftest import ROOT
 from captioner import checkpoint
 from captioner.config import ModelConfig
 from captioner.decoder import AttentionDecoder, Decoder, Dropout, Ensemble, build_decoder, caption_loss
@@ -249,8 +249,8 @@ def test_beam_as_wide_as_the_candidates_finds_the_true_best_caption(length_penal
 def test_a_finished_caption_does_not_take_the_place_of_a_live_beam_that_finishes_better():
     """With the shipped model at its defaults (beam 3, Wu alpha 1.0) on the astronaut photo,
     "... with a football" finishes inside the beam, and one word later "... with a football game"
-    scores higher. The search before, which kept finished captions among the k live beams,
-    returned the shorter one."""
+    scores higher. A search that keeps finished captions among the k live beams returns the
+    shorter one."""
     from captioner import Captioner
 
     cap = Captioner.load(device="cpu")
@@ -267,7 +267,7 @@ def test_a_finished_caption_does_not_take_the_place_of_a_live_beam_that_finishes
     assert (cap.config.decode.beam_size, cap.config.decode.length_penalty) == (3, "wu")
     assert cap.vocab.decode(found.tokens) == "a group of people are playing with a football game"
     assert found.score == pytest.approx(score("a group of people are playing with a football game"), abs=1e-3)
-    assert found.score > score("a group of people are playing with a football") + 0.02  # what it returned before
+    assert found.score > score("a group of people are playing with a football") + 0.02  # a frozen-beam search's
 
 
 def test_sampling_is_reproducible_with_a_generator_and_varies_with_temperature(captioner):
@@ -555,7 +555,8 @@ def test_average_of_fine_tuned_models_is_one_decoder_with_their_mean_weights(cap
     from captioner import Captioner
 
     a, b = captioner.decoder.state_dict(), perturbed_copy(captioner.decoder, 1).state_dict()
-    payloads = [{"config": captioner.config.to_dict(), "vocab": captioner.vocab.to_dict(), "decoder": d} for d in (a, b)]
+    meta = {"config": captioner.config.to_dict(), "vocab": captioner.vocab.to_dict()}
+    payloads = [{**meta, "decoder": d} for d in (a, b)]
     soup = checkpoint.average(payloads, ["a.pt", "b.pt"])
     assert set(soup["decoder"]) == set(a)
     for k in a:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from conftest import FLICKR8K, requires_flickr8k
+
 from captioner.evaluate import evaluate
 from captioner.inference import DEFAULT_CHECKPOINT
 

@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import FLICKR8K, ROOT, requires_flickr8k
+
 from captioner import cli
 from captioner.config import ModelConfig
 from captioner.decoder import AttentionDecoder, Decoder, Ensemble

@@ -11,11 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
-from PIL import Image
-from starlette.testclient import TestClient
-
 from fixtures import png_header_only
 from live_server import live_server
+from PIL import Image
+from starlette.testclient import TestClient
 
 LIMITS = dict(max_files=3, max_upload_mb=1, max_pixels=1_000_000)
 

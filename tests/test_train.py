@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, tiny_config
+
 from captioner import checkpoint
 from captioner.data import collate, load_split
 from captioner.decoder import caption_loss

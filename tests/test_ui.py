@@ -7,7 +7,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-
 from live_server import live_server
 
 ROOT = Path(__file__).resolve().parents[1]
