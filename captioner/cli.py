@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="results file, .jsonl or .csv; rerunning with it resumes. "
                    "{shard} in it becomes i-of-n, so the shards of one torchrun command write apart")
     p.add_argument("--recursive", action="store_true", help="include subfolders")
-    p.add_argument("--ext", default=None, help="comma-separated extensions (default: jpg,jpeg,png,gif,bmp,webp,tif,tiff)")
+    p.add_argument("--ext", default=None, help="comma-separated extensions"
+                   " (default: jpg,jpeg,png,gif,bmp,webp,tif,tiff)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2, help="image-decoding processes (0 = in the main process)")
     p.add_argument("--shard", default=None,
@@ -165,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     decode_args(p)
     p.set_defaults(func=cmd_caption_dir)
 
-    p = sub.add_parser("evaluate", help="BLEU (and coco-caption metrics) of a model, a results file or humans on a split")
+    p = sub.add_parser("evaluate",
+                       help="BLEU (and coco-caption metrics) of a model, a results file or humans on a split")
     p.add_argument("--data", required=True, help="Flickr8k folder, Karpathy split JSON or COCO captions JSON")
     p.add_argument("--split", default=None, help="train, dev or test (Flickr8k, Karpathy; not for a COCO file)")
     p.add_argument("--images", default=None, help="image folder (Karpathy, COCO)")

@@ -44,7 +44,7 @@ class Encoder(nn.Module):
         """Any path / bytes / PIL image -> this encoder's input tensor (raises images.ImageError)."""
         return self.transform(load_image(image, draft_size=DRAFT_SIZE))
 
-    def split(self, top_blocks: int) -> tuple["Encoder", "EncoderTop"]:
+    def split(self, top_blocks: int) -> tuple[Encoder, EncoderTop]:
         """(below, top): the encoder cut before its last `top_blocks` blocks, top(below(x)) == self(x).
 
         `below` is an Encoder of its own (its own name, width and ONNX export) whose flattened
@@ -58,7 +58,8 @@ class Encoder(nn.Module):
         cut = len(net._blocks) - top_blocks
         below = _LiteBelow(net, cut)
         mode = self.training
-        with torch.no_grad():  # the shape of the maps at the cut, from one blank image, in eval mode (BatchNorm stays as it is)
+        # The shape of the maps at the cut, from one blank image, in eval mode (BatchNorm stays as it is).
+        with torch.no_grad():
             blank = torch.zeros(1, 3, self.input_size, self.input_size, device=net._conv_stem.weight.device)
             shape = below.eval().maps(blank).shape[1:]
         below.train(mode)
@@ -78,7 +79,8 @@ def vgg16(pretrained: bool = True, regions: bool = False) -> Encoder:
     """VGG16, v = fc7: the output of the second FC-4096 layer after its ReLU (4096-d)."""
     if regions:  # fc7 has no spatial layout
         raise ValueError("encoder 'vgg16' gives no spatial regions for attention; use an efficientnet_lite encoder")
-    from torchvision.models import VGG16_Weights, vgg16 as tv_vgg16
+    from torchvision.models import VGG16_Weights
+    from torchvision.models import vgg16 as tv_vgg16
 
     weights = None
     if pretrained:
@@ -194,7 +196,8 @@ ENCODERS: dict[str, Callable[..., Encoder]] = {
 
 def build_encoder(name: str, pretrained: bool = True, trainable: bool = False, regions: bool = False,
                   state: dict | None = None) -> Encoder:
-    """The named encoder; `state`: fine-tuned weights (a checkpoint's "encoder"), loaded instead of the pretrained ones."""
+    """The named encoder; `state`: fine-tuned weights (a checkpoint's "encoder"), loaded instead of the pretrained
+    ones."""
     if name not in ENCODERS:
         raise ValueError(f"unknown encoder {name!r}; choose from {sorted(ENCODERS)}")
     encoder = ENCODERS[name](pretrained=pretrained and state is None, regions=regions)

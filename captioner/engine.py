@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from .encoders import Encoder
 from . import ort
+from .encoders import Encoder
 from .files import atomic_path, cache_dir, file_sha256, write_atomic
 
 ENGINES = ("auto", "onnxruntime", "torch")

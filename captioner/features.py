@@ -90,7 +90,8 @@ def open_features(cache: str | Path, split: str, examples: list[Example], encode
         raise StaleCache(f"cached features in {cache} were made by another encoder or other weights of it "
                          f"(this one: {encoder.name}); {hint}")
     if meta["done"] < len(meta["ids"]):
-        raise StaleCache(f"feature extraction for {split!r} stopped at {meta['done']}/{len(meta['ids'])}; {hint} to resume")
+        raise StaleCache(f"feature extraction for {split!r} stopped at {meta['done']}/{len(meta['ids'])}; "
+                         f"{hint} to resume")
     return np.load(arr_path, mmap_mode="r")
 
 

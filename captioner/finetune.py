@@ -74,7 +74,8 @@ class Report:
 
 
 # -- data ---------------------------------------------------------------------------------
-def load_captions(data: str | Path, fmt: str = "auto", images: str | Path | None = None) -> tuple[DataConfig, list[Example]]:
+def load_captions(data: str | Path, fmt: str = "auto",
+                  images: str | Path | None = None) -> tuple[DataConfig, list[Example]]:
     """A caption file or folder of any format, as (the config that reads it, its examples). Multi-split
     datasets (Flickr8k, Karpathy) give their train split."""
     fmt = detect_format(data) if fmt == "auto" else fmt

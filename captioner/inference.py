@@ -67,7 +67,7 @@ class Captioner:
 
     @classmethod
     def load(cls, path: str | Path | None = None, device="auto", precision: str | None = None,
-             engine: str | None = None) -> "Captioner":
+             engine: str | None = None) -> Captioner:
         """Load a checkpoint; path=None loads the default model shipped with the package.
         precision (fp32 | bf16) and engine (auto | onnxruntime | torch) override the checkpoint's decode settings."""
         if path is None:
@@ -80,7 +80,7 @@ class Captioner:
 
     @classmethod
     def from_payload(cls, payload: dict, device="auto", precision: str | None = None,
-                     engine: str | None = None) -> "Captioner":
+                     engine: str | None = None) -> Captioner:
         config = Config.from_dict(payload["config"])
         if precision is not None:
             config.decode.precision = precision

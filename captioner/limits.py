@@ -3,9 +3,9 @@
 Memory is the budget. A request waiting for its turn holds only its upload, spooled
 to disk; a decode holds its pixels (3 bytes each as RGB, more while a mode conversion
 copies them) and the resized image. So the service admits images by their
-`images.decode_cost` (in RGB pixels), read from the header, into a fixed budget; when the budget is spent and the short wait list is
-full, or a wait runs out, the request is refused with `Overloaded` (HTTP 503 with
-Retry-After) instead of growing memory. No module here imports gradio: the service
+`images.decode_cost` (in RGB pixels), read from the header, into a fixed budget; when
+the budget is spent and the short wait list is full, or a wait runs out, the request
+is refused with `Overloaded` (HTTP 503 with Retry-After) instead of growing memory. No module here imports gradio: the service
 with the UI off never loads it.
 """
 from __future__ import annotations
@@ -43,7 +43,8 @@ class Limits:
 
 
 class PixelBudget:
-    """A weighted semaphore over pixels, safe from any thread: `with budget.admit(decode_cost(w, h, mode)): decode()`."""
+    """A weighted semaphore over pixels, safe from any thread:
+    `with budget.admit(decode_cost(w, h, mode)): decode()`."""
 
     def __init__(self, capacity: int, max_waiting: int, max_wait_s: float):
         self.capacity, self.max_waiting, self.max_wait_s = capacity, max_waiting, max_wait_s

@@ -9,13 +9,13 @@ length, <end> included) or "wu" (((5+len)/6)**alpha, Wu et al. 2016).
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 from .config import LENGTH_PENALTIES
 from .decoder import Decoder, Ensemble, reorder_state
-
 
 
 class Hypothesis(NamedTuple):
@@ -46,7 +46,8 @@ def _strip(seq: list[int], end: int) -> list[int]:
 
 
 @torch.inference_mode()
-def _one_by_one(decoder: Decoder | Ensemble, feats: torch.Tensor, pick: Callable, start: int, end: int, max_len: int, banned):
+def _one_by_one(decoder: Decoder | Ensemble, feats: torch.Tensor, pick: Callable, start: int, end: int, max_len: int,
+                banned):
     """Decode one token per step for every image at once; `pick(logp)` chooses the tokens."""
     v = decoder.features(feats)
     state, ctx = decoder.initial_state(v), decoder.step_context(v)

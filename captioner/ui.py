@@ -90,7 +90,8 @@ def build_ui(captioner: Captioner, caption=None, examples: list[str] | None = No
                     image = gr.Image(type="filepath", image_mode=None, label="Photo",
                                      sources=["upload", "clipboard"], elem_id="photo")
                     beam = gr.Slider(1, MAX_BEAM, value=defaults.beam_size, step=1, label="Beam size")
-                    n_best = gr.Slider(1, MAX_N_BEST, value=1, step=1, label="Captions shown (n-best, at most the beam size)")
+                    n_best = gr.Slider(1, MAX_N_BEST, value=1, step=1,
+                                       label="Captions shown (n-best, at most the beam size)")
                     max_len = gr.Slider(3, MAX_LEN, value=min(defaults.max_len, MAX_LEN), step=1,
                                         label="Max length (words)")
                     run = gr.Button("Caption", variant="primary", elem_id="caption-button")

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import FLICKR8K, ROOT, requires_flickr8k
 
 # The child cannot import torch or torchvision: a caption served from the bundle must not need them.
