@@ -38,7 +38,7 @@ from .files import fsync_dir, write_atomic
 from .inference import Captioner
 
 DEFAULT_EXTS = ("jpg", "jpeg", "png", "gif", "bmp", "webp", "tif", "tiff")
-CSV_COLUMNS = ["image", "caption", "score", "error"]
+CSV_COLUMNS = ["image", "caption", "score", "error", "tags"]  # tags: "noun:prob" pairs, space-separated
 # json.dumps writes every row starting with exactly this, which tells our torn lines from foreign data.
 JSONL_ROW_START = b'{"image": '
 
@@ -229,7 +229,7 @@ class OutputFile:
             writer = csv.writer(buf, lineterminator="\n")
             if header:
                 writer.writerow(CSV_COLUMNS)
-            writer.writerows([r.get(c, "") for c in CSV_COLUMNS] for r in rows)
+            writer.writerows([_csv_cell(r, c) for c in CSV_COLUMNS] for r in rows)
         else:
             # ASCII escapes keep every line valid UTF-8 JSON, even for non-UTF-8 file names.
             buf.writelines(json.dumps(r) + "\n" for r in rows)
@@ -305,7 +305,7 @@ def caption_dir(captioner: Captioner, root: str | Path, out: str | Path, *, recu
                 options: DecodeConfig | None = None) -> Summary:
     """Caption every image file under `root` into `out` (.jsonl or .csv), resuming what is there.
 
-    Rows: {"image": relative path, "caption", "score"} or {"image", "error"}.
+    Rows: {"image": relative path, "caption", "score", "tags"} or {"image", "error"}.
     retry_errors: images whose row is an error are tried again; the new row replaces it.
     wait: when another run is writing `out`, wait for it to end instead of raising OutputLocked.
     options: decoding settings (`Captioner.options(...)`; None: the model's own).
@@ -341,6 +341,13 @@ def _caption_files(captioner: Captioner, root: Path, names: list[str], output: O
             bar.set_postfix(errors=summary["errors"])
 
 
+def _csv_cell(row: dict, column: str) -> str:
+    value = row.get(column, "")
+    if column == "tags" and isinstance(value, list):
+        return " ".join(f"{t['tag']}:{t['prob']}" for t in value)
+    return value
+
+
 def caption_files(captioner: Captioner, root: Path, names: list[str], options: DecodeConfig | None = None, *,
                   batch_size: int = 32, workers: int = 2) -> Iterator[list[tuple[str, list[dict] | None, str | None]]]:
     """Per batch, each file's (name, formatted hypotheses or None, error or None), in order.
@@ -356,5 +363,5 @@ def caption_files(captioner: Captioner, root: Path, names: list[str], options: D
     for batch in loader:
         found = iter([])
         if batch.pixels is not None:
-            found = iter([captioner.format(h) for h in captioner.decode(captioner.encode(batch.pixels), options)])
+            found = iter(captioner.describe(captioner.encode(batch.pixels), options))
         yield [(it.name, None, it.error) if it.pixels is None else (it.name, next(found), None) for it in batch.items]

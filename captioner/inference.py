@@ -23,6 +23,7 @@ from .engine import ENGINES, encoder_runner
 from .files import DEFAULT_CHECKPOINT
 from .hardware import check_bf16
 from .search import Hypothesis, beam_search, greedy, sample
+from .tags import Tagger
 from .vocab import Vocab
 
 TRAIN_HINT = (
@@ -64,6 +65,7 @@ class Captioner:
             decoder = copy.deepcopy(decoder).to(PRECISIONS[precision])
         self.decoder = decoder.eval().to(self.device)
         self.vocab, self.config = vocab, config
+        self.tagger = imagenet_tagger(self.encoder)
 
     @classmethod
     def load(cls, path: str | Path | None = None, device="auto", precision: str | None = None,
@@ -128,14 +130,39 @@ class Captioner:
             return greedy(self.decoder, feats, **common)
         return sample(self.decoder, feats, temperature=o.temperature, top_k=o.top_k, generator=generator, **common)
 
-    def format(self, hyps: list[Hypothesis]) -> list[dict]:
-        """One image's hypotheses -> [{"caption", "score"}, ...], best first."""
-        return [{"caption": self.vocab.decode(h.tokens), "score": round(h.score, 4)} for h in hyps]
+    def format(self, hyps: list[Hypothesis], tags: list[dict] | None = None) -> list[dict]:
+        """One image's hypotheses -> [{"caption", "score", "tags"}, ...], best first ("tags": the
+        image's, in each; left out when the encoder has no ImageNet classifier)."""
+        extra = {} if tags is None else {"tags": tags}
+        return [{"caption": self.vocab.decode(h.tokens), "score": round(h.score, 4), **extra} for h in hyps]
+
+    def tag_features(self, feats: torch.Tensor) -> list[list[dict]] | list[None]:
+        """Features -> per image [{"tag", "prob"}, ...] (see captioner.tags); None each without a classifier."""
+        if self.tagger is None:
+            return [None] * len(feats)
+        return self.tagger(feats.float().cpu().numpy())
+
+    def describe(self, feats: torch.Tensor, options: DecodeConfig | None = None,
+                 generator: torch.Generator | None = None) -> list[list[dict]]:
+        """Features -> per image its formatted hypotheses with its tags: what every caller shows."""
+        return [self.format(h, t) for h, t in zip(self.decode(feats, options, generator), self.tag_features(feats))]
+
+    def tags(self, images, *, batch_size: int = 32) -> list[list[dict]] | list[dict]:
+        """Per image (paths, bytes or PIL images) [{"tag": noun, "prob": p}, ...], likeliest first: the
+        encoder's ImageNet classes as everyday nouns, probabilities of one noun's classes summed."""
+        if self.tagger is None:
+            raise ValueError(f"encoder {self.encoder.name!r} has no ImageNet classifier to tag with")
+        single = not isinstance(images, (list, tuple))
+        images = [images] if single else list(images)
+        out = []
+        for i in range(0, len(images), batch_size):
+            out += self.tag_features(self.encode(torch.stack([self.preprocess(im) for im in images[i:i + batch_size]])))
+        return out[0] if single else out
 
     def caption(self, images, *, batch_size: int = 32, generator: torch.Generator | None = None, **options):
         """Caption one image or a list of them (paths, bytes or PIL images).
 
-        Returns {"caption", "score"} per image, or with n_best > 1 a list of that many, best
+        Returns {"caption", "score", "tags"} per image, or with n_best > 1 a list of that many, best
         first; a single input gives a single result. Options: see `options()`.
         """
         o = self.options(**options)
@@ -144,7 +171,17 @@ class Captioner:
         results = []
         for i in range(0, len(images), batch_size):
             pixels = torch.stack([self.preprocess(im) for im in images[i:i + batch_size]])
-            results += [self.format(h) for h in self.decode(self.encode(pixels), o, generator)]
+            results += self.describe(self.encode(pixels), o, generator)
         if o.n_best == 1:
             results = [r[0] for r in results]
         return results[0] if single else results
+
+
+def imagenet_tagger(encoder: Encoder) -> Tagger | None:
+    """The tagger of an EfficientNet-Lite encoder's own ImageNet classifier; None for other encoders."""
+    net = getattr(encoder.backbone, "net", None)
+    fc = getattr(net, "_fc", None)
+    if fc is None or fc.in_features != encoder.dim:
+        return None
+    return Tagger.from_mapping(fc.weight.detach().float().cpu().numpy(), fc.bias.detach().float().cpu().numpy(),
+                               encoder.regions)

@@ -100,7 +100,7 @@ class Batcher:
             results = []
             for i in range(0, len(pixels), self.max_batch):
                 batch = torch.stack(pixels[i:i + self.max_batch])
-                results += [cap.format(h) for h in cap.decode(cap.encode(batch), options)]
+                results += cap.describe(cap.encode(batch), options)
         except Exception as e:  # an invalid option, a malformed tensor...: fail only the job at fault
             if len(jobs) > 1:
                 for j in jobs:  # alone, each job succeeds or fails on its own account

@@ -41,10 +41,16 @@ class Caption(BaseModel):
     score: float
 
 
+class Tag(BaseModel):
+    tag: str  # an everyday noun for the encoder's ImageNet classes (captioner.tags)
+    prob: float  # the summed probability of its classes
+
+
 class CaptionResult(BaseModel):
     filename: str
     caption: str
     score: float
+    tags: list[Tag] | None = None  # keywords, likeliest first (absent for an encoder without a classifier)
     captions: list[Caption] | None = None  # the n-best list, only when n_best > 1
 
 

@@ -53,6 +53,9 @@ def build_ui(captioner: Captioner, caption=None, examples: list[str] | None = No
         except Overloaded:
             raise gr.Error("The server is busy; try again in a moment.") from None
 
+    def tag_text(result: dict) -> str:
+        return ", ".join(f"{t['tag']} {t['prob']:.2f}" for t in result.get("tags") or [])
+
     def caption_one(image, beam_size, n_best, max_len):
         if image is None:
             raise gr.Error("Upload an image first.")
@@ -62,7 +65,7 @@ def build_ui(captioner: Captioner, caption=None, examples: list[str] | None = No
         except ImageError as e:
             raise gr.Error(f"Cannot read this image: {e}") from None
         hyps = result if n_best > 1 else [result]
-        return hyps[0]["caption"], [[h["caption"], h["score"]] for h in hyps]
+        return hyps[0]["caption"], tag_text(hyps[0]), [[h["caption"], h["score"]] for h in hyps]
 
     def caption_many(files, beam_size, max_len):
         if not files:
@@ -79,7 +82,7 @@ def build_ui(captioner: Captioner, caption=None, examples: list[str] | None = No
                     results.append({"caption": f"error: {e}", "score": None})
         names = [Path(f).name for f in files]
         gallery = [(f, r["caption"]) for f, r in zip(files, results) if r["score"] is not None]
-        return gallery, [[n, r["caption"], r["score"]] for n, r in zip(names, results)]
+        return gallery, [[n, r["caption"], r["score"], tag_text(r)] for n, r in zip(names, results)]
 
     with gr.Blocks(title="Image captioner", analytics_enabled=False) as ui:
         gr.Markdown("# Image captioner\nA CNN encoder reads the photo; an LSTM decoder, given the image "
@@ -97,6 +100,8 @@ def build_ui(captioner: Captioner, caption=None, examples: list[str] | None = No
                     run = gr.Button("Caption", variant="primary", elem_id="caption-button")
                 with gr.Column():
                     best = gr.Textbox(label="Caption", elem_id="caption", interactive=False)
+                    tags = gr.Textbox(label="Tags (the encoder's ImageNet classes as nouns, with probabilities)",
+                                      elem_id="tags", interactive=False)
                     table = gr.Dataframe(headers=["caption", "score (log-prob, length-normalised)"], label="N best",
                                          interactive=False, wrap=True, column_widths=["75%", "25%"])
             if examples:
@@ -111,14 +116,14 @@ def build_ui(captioner: Captioner, caption=None, examples: list[str] | None = No
                     run_many = gr.Button("Caption all", variant="primary")
                 with gr.Column():
                     gallery = gr.Gallery(label="Captioned", columns=3)
-                    table_many = gr.Dataframe(headers=["file", "caption", "score"], interactive=False, wrap=True,
-                                              column_widths=["25%", "55%", "20%"])
+                    table_many = gr.Dataframe(headers=["file", "caption", "score", "tags"], interactive=False,
+                                              wrap=True, column_widths=["20%", "45%", "10%", "25%"])
 
         inputs = [image, beam, n_best, max_len]
-        run.click(caption_one, inputs, [best, table], api_name="caption", concurrency_limit=concurrency,
+        run.click(caption_one, inputs, [best, tags, table], api_name="caption", concurrency_limit=concurrency,
                   concurrency_id=MODEL_QUEUE)
         # A new photo (uploaded or an example clicked) is captioned at once; clearing it clears the output.
-        image.change(lambda im, *rest: caption_one(im, *rest) if im else ("", None), inputs, [best, table],
+        image.change(lambda im, *rest: caption_one(im, *rest) if im else ("", "", None), inputs, [best, tags, table],
                      api_visibility="private", concurrency_limit=concurrency,
                      concurrency_id=MODEL_QUEUE)
         run_many.click(caption_many, [files, beam_many, max_len_many], [gallery, table_many],

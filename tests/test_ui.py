@@ -45,9 +45,10 @@ def test_ui_api_captions_one_image_with_n_best(client, captioner, tiny_data):
     from gradio_client import handle_file
 
     photo = next((tiny_data / "Flicker8k_Dataset").glob("1*.jpg"))
-    best, table = client.predict(handle_file(str(photo)), 4, 3, 10, api_name="/caption")
+    best, tags, table = client.predict(handle_file(str(photo)), 4, 3, 10, api_name="/caption")
     expected = captioner.caption(photo, beam_size=4, n_best=3, max_len=10)
     assert best == expected[0]["caption"]
+    assert tags == ", ".join(f"{t['tag']} {t['prob']:.2f}" for t in expected[0]["tags"])
     assert [row[0] for row in table["data"]] == [e["caption"] for e in expected]
 
 

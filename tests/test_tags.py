@@ -1,0 +1,18 @@
+"""The ImageNet class -> caption noun mapping, and the tags made from it."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(not Path("/usr/share/wordnet/data.noun").exists(),
+                    reason="WordNet 3.0 is not installed (Debian package wordnet-base)")
+def test_mapping_regenerates_identically():
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_imagenet_nouns.py"), "--check"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
