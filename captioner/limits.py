@@ -5,8 +5,8 @@ to disk; a decode holds its pixels (3 bytes each as RGB, more while a mode conve
 copies them) and the resized image. So the service admits images by their
 `images.decode_cost` (in RGB pixels), read from the header, into a fixed budget; when
 the budget is spent and the short wait list is full, or a wait runs out, the request
-is refused with `Overloaded` (HTTP 503 with Retry-After) instead of growing memory. No module here imports gradio: the service
-with the UI off never loads it.
+is refused with `Overloaded` (HTTP 503 with Retry-After) instead of growing memory.
+No module here imports gradio: the service with the UI off never loads it.
 """
 from __future__ import annotations
 

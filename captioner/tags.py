@@ -48,7 +48,7 @@ class Tagger:
                 self._to_nouns[c, index[n]] = 1.0
 
     @classmethod
-    def from_mapping(cls, weight, bias, regions: int = 1, path: str | Path = MAPPING) -> "Tagger":
+    def from_mapping(cls, weight, bias, regions: int = 1, path: str | Path = MAPPING) -> Tagger:
         return cls(weight, bias, [noun for noun, _ in read_mapping(path)], regions)
 
     def noun_probs(self, feats) -> np.ndarray:
