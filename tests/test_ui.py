@@ -133,8 +133,10 @@ def test_ui_in_the_service_applies_its_pixel_limit(captioner, photo_200x100, tmp
         with pytest.raises(AppError, match="200x100 = 20000 pixels"):
             caption_via_ui(url + "/", photo_200x100, tmp_path)
     with live_server(create_app(captioner, Limits(max_pixels=20_000))) as url:
-        best, _ = caption_via_ui(url + "/", photo_200x100, tmp_path)
-        assert best == captioner.caption(photo_200x100, beam_size=2, max_len=10)["caption"]
+        best, tags, _ = caption_via_ui(url + "/", photo_200x100, tmp_path)
+        expected = captioner.caption(photo_200x100, beam_size=2, max_len=10)
+        assert best == expected["caption"]
+        assert tags == ", ".join(f"{t['tag']} {t['prob']:.2f}" for t in expected["tags"])
 
 
 def test_demo_runs_the_model_from_one_queue_and_applies_its_pixel_limit(captioner, photo_200x100, tmp_path):
