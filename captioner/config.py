@@ -99,6 +99,13 @@ class DecodeConfig:
     precision: str = "fp32"
     # What runs the frozen encoder: auto (onnxruntime on a CPU, torch on a GPU) | onnxruntime | torch.
     engine: str = "auto"
+    # Guided beam search (constraints.py): the encoder's ImageNet tags of at least guide_threshold,
+    # at most guide_max of them, are words the caption should name (min(2, n) of them); the unguided
+    # caption stays where the guided one scores more than guide_margin below it. on | off.
+    guide: str = "on"
+    guide_threshold: float = 0.3
+    guide_max: int = 2
+    guide_margin: float = 2.0
 
     def replace(self, **options) -> DecodeConfig:
         """A copy with `options` set (None keeps a setting), checked: a typo or a bad value fails here,
@@ -126,6 +133,11 @@ class DecodeConfig:
         whole("max_len", 1)
         whole("n_best", 1)
         whole("top_k", 0)
+        whole("guide_max", 0)
+        if self.guide not in ("on", "off"):
+            raise ValueError(f"decoding option guide must be 'on' or 'off', got {self.guide!r}")
+        if not 0.0 <= self.guide_threshold <= 1.0 or not self.guide_margin >= 0.0:
+            raise ValueError("guide_threshold must be in [0, 1] and guide_margin >= 0")
         if self.method == "beam" and self.n_best > self.beam_size:
             raise ValueError(f"n_best ({self.n_best}) must not exceed beam_size ({self.beam_size})")
         if self.method != "beam" and self.n_best != 1:

@@ -110,7 +110,8 @@ class Captioner:
         """The model's decoding settings with per-call overrides (None keeps a setting), checked now.
 
         Options: method (beam | greedy | sample), beam_size, n_best, max_len, length_penalty,
-        alpha, temperature, top_k. Precision and engine are chosen when loading."""
+        alpha, temperature, top_k, guide (on | off: beam search guided by the tags), guide_threshold,
+        guide_max, guide_margin. Precision and engine are chosen when loading."""
         at_load = sorted(k for k in ("precision", "engine") if overrides.get(k) is not None)
         if at_load:
             raise TypeError(f"{', '.join(at_load)}: chosen when loading, Captioner.load(..., {at_load[0]}=...)")
@@ -125,10 +126,18 @@ class Captioner:
         common = dict(start=self.vocab.start, end=self.vocab.end, max_len=o.max_len, banned=self.vocab.banned)
         if o.method == "beam":
             return beam_search(self.decoder, feats, beam_size=o.beam_size, n_best=o.n_best,
-                               length_penalty=o.length_penalty, alpha=o.alpha, **common)
+                               length_penalty=o.length_penalty, alpha=o.alpha, **self._guidance(feats, o), **common)
         if o.method == "greedy":
             return greedy(self.decoder, feats, **common)
         return sample(self.decoder, feats, temperature=o.temperature, top_k=o.top_k, generator=generator, **common)
+
+    def _guidance(self, feats: torch.Tensor, o: DecodeConfig) -> dict:
+        """beam_search's constraint arguments from the encoder's tags (none when guide is off)."""
+        if o.guide == "off" or self.tagger is None or o.guide_max == 0:
+            return {}
+        found = self.tagger.constraints(feats.float().cpu().numpy(), self.vocab.stoi,
+                                        threshold=o.guide_threshold, most=o.guide_max)
+        return {"constraints": found, "margin": o.guide_margin}
 
     def format(self, hyps: list[Hypothesis], tags: list[dict] | None = None) -> list[dict]:
         """One image's hypotheses -> [{"caption", "score", "tags"}, ...], best first ("tags": the

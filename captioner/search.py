@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 
 from .config import LENGTH_PENALTIES
+from .constraints import FREE, Machine, machine
 from .decoder import Decoder, Ensemble, reorder_state
 
 
@@ -87,78 +88,179 @@ def sample(decoder, feats, *, start, end, max_len=20, temperature=1.0, top_k=0, 
     return _one_by_one(decoder, feats, pick, start, end, max_len, banned)
 
 
+class _Guide:
+    """A batch's constraint machines as tensors (constraints.py): per image S states of k beams.
+
+    words (n, L): each image's constraint words (padded with <pad>, which is banned); to (n, S, L):
+    the state each word leads to from each state; blocked (n, S, V): -inf where a word would leave
+    the state (such candidates are scored by the state they lead to); accepting (n, S)."""
+
+    def __init__(self, machines: list[Machine], vocab_size: int, dev):
+        n, S = len(machines), max(m.states for m in machines)
+        vocab = [sorted({w for _, w in m.moves}) for m in machines]
+        L = max(1, *map(len, vocab))  # at least one (padding) word keeps the shapes simple
+        self.S, self.words = S, torch.zeros(n, L, dtype=torch.long)
+        self.to = torch.arange(S).view(1, S, 1).repeat(n, 1, L)
+        self.accepting = torch.zeros(n, S, dtype=torch.bool)
+        for b, (m, ws) in enumerate(zip(machines, vocab)):
+            self.words[b, :len(ws)] = torch.tensor(ws, dtype=torch.long)
+            for (state, w), target in m.moves.items():
+                self.to[b, state, ws.index(w)] = target
+            if m.accepting is not None:
+                self.accepting[b, m.accepting] = True
+        leaves = torch.where(self.to != torch.arange(S).view(1, S, 1), float("-inf"), 0.0)
+        self.blocked = torch.zeros(n, S, vocab_size).scatter_(2, self.words[:, None, :].expand(-1, S, -1), leaves)
+        self.words, self.to, self.accepting, self.blocked = (
+            x.to(dev) for x in (self.words, self.to, self.accepting, self.blocked))
+        self.reachable = torch.tensor([[s < m.states for s in range(S)] for m in machines], device=dev)
+
+    def keep(self, keep: torch.Tensor) -> None:
+        for name in ("words", "to", "accepting", "blocked", "reachable"):
+            setattr(self, name, getattr(self, name)[keep])
+
+    def candidates(self, cand: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """cand (n, S, k, V) prefix + word scores -> per state it leads to, the best 2k:
+        (scores, source rows in the n*S*k live rows, words), each (n*S, 2k)."""
+        n, S, _, V = cand.shape
+        stay = (cand + self.blocked[:, :, None, :]).view(n, S, k * V)
+        L = self.words.shape[1]
+        moved = cand.gather(3, self.words[:, None, None, :].expand(-1, S, k, -1))  # (n, S_from, k, L)
+        src_state = torch.arange(S, device=cand.device)
+        leads = (self.to[:, None] == src_state.view(1, S, 1, 1)) & (self.to != src_state.view(1, S, 1))[:, None]
+        into = torch.where(leads[:, :, :, None, :], moved[:, None], float("-inf")).view(n, S, S * k * L)
+        top, idx = torch.cat([stay, into], 2).topk(min(2 * k, k * V), dim=2)
+        m = (idx - k * V).clamp(min=0)
+        from_state = torch.where(idx < k * V, src_state.view(1, S, 1), m // (k * L))
+        beam = torch.where(idx < k * V, idx // V, (m // L) % k)
+        word = torch.where(idx < k * V, idx % V, self.words.gather(1, (m % L).view(n, -1)).view(n, S, -1))
+        rows = (torch.arange(n, device=cand.device).view(n, 1, 1) * S + from_state) * k + beam
+        return top.view(n * S, -1), rows.view(n * S, -1), word.view(n * S, -1)
+
+    def finished(self, pool: torch.Tensor, scores: torch.Tensor, pen) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n,) twice: images whose free state can no longer improve, and those whose free and accepting
+        states both cannot (done): each has k finished captions no live prefix able to reach it would beat."""
+        n, S = self.accepting.shape
+        pool, best = pool.view(n, S, -1)[..., -1], scores.view(n, S, -1)[..., 0] / pen
+        reach_accepting = best[:, 1:].amax(1) if S > 1 else torch.full((n,), float("-inf"), device=best.device)
+        free = pool[:, FREE] >= best[:, FREE]
+        return free, free & ((pool >= reach_accepting[:, None]) | ~self.accepting).all(1)
+
+    def pick(self, final: torch.Tensor, margin: float) -> torch.Tensor:
+        """(n,) the state each image's captions are read from: accepting, unless its best is more
+        than `margin` below the unguided best (or it has none); else FREE."""
+        n, S = self.accepting.shape
+        best = final.view(n, S, -1).amax(2)
+        guided = torch.where(self.accepting, best, float("-inf")).amax(1)
+        state = self.accepting.float().argmax(1)
+        use = (guided > float("-inf")) & (guided >= best[:, FREE] - margin)
+        return torch.where(use, state, FREE)
+
+
 @torch.inference_mode()
 def beam_search(decoder, feats, *, start, end, beam_size=3, max_len=20, length_penalty="none", alpha=0.7, n_best=1,
-                banned=(0,)):
+                banned=(0,), constraints: list[list[tuple[int, ...]]] | None = None, required: int = 2,
+                margin: float = float("inf")):
     """Returns, per image, the n_best hypotheses, best first.
 
-    Each image keeps k live prefixes and, apart from them, its k best finished captions.
-    An image leaves the batch once it has k finished captions and none of its live
-    prefixes ranks above the worst of them: the images still searching do not pay for
-    it in the later steps.
+    Each image keeps k live prefixes and, apart from them, its k best finished captions, per state
+    of its constraint machine (constraints.py; without constraints one state: plain beam search).
+    constraints: per image, disjunctive word-id sets that a caption should name `required` of;
+    its captions come from the accepting state unless those score more than `margin` below the
+    unguided ones. An image leaves the batch once no live prefix can improve its captions: the
+    images still searching do not pay for it in the later steps.
     """
     if not 1 <= n_best <= beam_size:
         raise ValueError(f"n_best must be between 1 and beam_size ({beam_size}), got {n_best}")
     penalty(torch.ones(1), length_penalty, alpha)  # reject an unknown penalty before any work
-    B, k, dev = feats.shape[0], beam_size, feats.device
+    B, k, dev, V = feats.shape[0], beam_size, feats.device, decoder.vocab_size
+    guide = _Guide([machine(c, required) for c in (constraints or [[]] * B)], V, dev)
+    S = guide.S
     v = decoder.features(feats)  # per image; rows are expanded to beams below, not recomputed
-    rows = torch.arange(B, device=dev).repeat_interleave(k)  # row b*k + j is beam j of image b
+    rows = torch.arange(B, device=dev).repeat_interleave(S * k)  # row (b*S + s)*k + j: beam j of state s of image b
     state = reorder_state(decoder.initial_state(v), rows)
     ctx = decoder.step_context(v).index_select(0, rows)
-    tokens = torch.full((B * k,), start, dtype=torch.long, device=dev)
-    scores = torch.full((B, k), float("-inf"), device=dev)  # the live prefixes' log-probs, best first
-    scores[:, 0] = 0.0  # all beams start identical: keep one, or the top-k would be k copies
-    seqs = torch.zeros(B, k, 0, dtype=torch.long, device=dev)
-    pool = torch.full((B, k), float("-inf"), device=dev)  # finished captions' final scores, best first
-    pool_seqs = torch.zeros(B, k, max_len, dtype=torch.long, device=dev)  # each ends with <end>, then padding
+    tokens = torch.full((B * S * k,), start, dtype=torch.long, device=dev)
+    scores = torch.full((B, S, k), float("-inf"), device=dev)  # the live prefixes' log-probs, best first
+    scores[:, :, 0] = torch.where(guide.reachable & (torch.arange(S, device=dev) <= 1), 0.0, float("-inf"))
+    search = _Beams(scores.view(B * S, k), max_len, end, dev)
     images = torch.arange(B, device=dev)  # which input image each active row block is
-    V = decoder.vocab_size
     results: list[list[Hypothesis]] = [[] for _ in range(B)]
 
     def emit(sel, final, final_seqs):  # write out the best hypotheses of the active images `sel` (a bool mask)
-        order = final.argsort(dim=1, descending=True, stable=True)[:, :n_best]
-        best = final_seqs.gather(1, order[..., None].expand(-1, -1, final_seqs.shape[2])).tolist()
-        for b, img_seqs, img_scores in zip(images[sel].tolist(), best, final.gather(1, order).tolist()):
-            results[b] = [Hypothesis(_strip(s, end), sc) for s, sc in zip(img_seqs, img_scores)
-                          if sc != float("-inf")]
+        pick = guide.pick(final, margin)[sel]
+        final, final_seqs = (x.view(-1, S, *x.shape[1:])[sel] for x in (final, final_seqs))
+        at = torch.arange(len(pick), device=dev)
+        for b, hyps in zip(images[sel].tolist(), _best(final[at, pick], final_seqs[at, pick], n_best, end)):
+            results[b] = hyps
 
     for t in range(max_len):
         n = images.shape[0]
         logp, state = decoder.step(ctx, tokens, state)
-        cand = (scores[..., None] + _ban(logp, banned).view(n, k, V)).view(n, -1)
-        # Every candidate of this step has t+1 tokens, so raw log-probs rank them. Each beam has
-        # one <end> candidate, so the best 2k hold the best k that are not <end>.
-        top, idx = cand.topk(min(2 * k, cand.shape[1]), dim=1)
-        beam, tok = idx // V, idx % V
-        is_end = tok == end
-        # An <end> among the step's k best candidates finishes a caption (as in fairseq and
-        # Hugging Face); it joins the finished ones and never competes with live prefixes again.
+        cand = search.scores.view(n, S, k, 1) + _ban(logp, banned).view(n, S, k, V)
         pen = penalty(torch.tensor(t + 1), length_penalty, alpha)
-        ends = torch.where(is_end[:, :k], top[:, :k], float("-inf")) / pen
-        end_seqs = torch.cat([seqs.gather(1, beam[:, :k, None].expand(-1, -1, t)),
-                              torch.full((n, k, 1), end, dtype=torch.long, device=dev),
-                              torch.zeros(n, k, max_len - t - 1, dtype=torch.long, device=dev)], dim=2)
-        merged, merged_seqs = torch.cat([pool, ends], 1), torch.cat([pool_seqs, end_seqs], 1)
-        order = merged.argsort(dim=1, descending=True, stable=True)[:, :k]  # ties: the earlier caption stays
-        pool = merged.gather(1, order)
-        pool_seqs = merged_seqs.gather(1, order[..., None].expand(-1, -1, max_len))
-        # The live prefixes: the best k candidates that are not <end>, in rank order.
-        live = is_end.to(torch.uint8).argsort(dim=1, stable=True)[:, :k]
-        scores = torch.where(is_end, float("-inf"), top).gather(1, live)
-        beam, tok = beam.gather(1, live), tok.gather(1, live)
-        seqs = torch.cat([seqs.gather(1, beam[..., None].expand(-1, -1, t)), tok[..., None]], dim=2)
-        state = reorder_state(state, (beam + torch.arange(n, device=dev)[:, None] * k).view(-1))
-        tokens = tok.view(-1)
-        done = pool[:, -1] >= scores[:, 0] / pen
+        src, tokens = search.advance(*guide.candidates(cand, k), t, pen)
+        state = reorder_state(state, src)
+        free, done = guide.finished(search.pool, search.scores, pen)
+        search.scores.view(n, S, k)[:, FREE].masked_fill_(free[:, None], float("-inf"))  # final, as plain search stops
         if done.any():
-            emit(done, pool[done], pool_seqs[done])
+            emit(done, search.pool, search.pool_seqs)
             keep = ~done
             if not keep.any():
                 break
-            keep_rows = keep.repeat_interleave(k).nonzero().squeeze(1)
-            images, scores, seqs, pool, pool_seqs = (x[keep] for x in (images, scores, seqs, pool, pool_seqs))
+            keep_rows = keep.repeat_interleave(S * k).nonzero().squeeze(1)
+            images = images[keep]
+            guide.keep(keep)
+            search.keep(keep.repeat_interleave(S))
             state, ctx, tokens = reorder_state(state, keep_rows), ctx[keep_rows], tokens[keep_rows]
     else:  # max_len reached: the unfinished prefixes are captions too
-        final = torch.cat([pool, scores / penalty(torch.tensor(max_len), length_penalty, alpha)], 1)
-        emit(torch.ones_like(images, dtype=torch.bool), final, torch.cat([pool_seqs, seqs], 1))
+        final = torch.cat([search.pool, search.scores / penalty(torch.tensor(max_len), length_penalty, alpha)], 1)
+        emit(torch.ones_like(images, dtype=torch.bool), final, torch.cat([search.pool_seqs, search.seqs], 1))
     return results
+
+
+def _best(final: torch.Tensor, final_seqs: torch.Tensor, n_best: int, end: int) -> list[list[Hypothesis]]:
+    """Per row of finished captions' scores (n, K) and sequences (n, K, T), its n_best best first."""
+    order = final.argsort(dim=1, descending=True, stable=True)[:, :n_best]
+    best = final_seqs.gather(1, order[..., None].expand(-1, -1, final_seqs.shape[2])).tolist()
+    return [[Hypothesis(_strip(s, end), sc) for s, sc in zip(seqs, scores) if sc != float("-inf")]
+            for seqs, scores in zip(best, final.gather(1, order).tolist())]
+
+
+class _Beams:
+    """Per group (an image's state) its k live prefixes and its k best finished captions."""
+
+    def __init__(self, scores: torch.Tensor, max_len: int, end: int, dev):
+        G, k = scores.shape
+        self.scores, self.max_len, self.end = scores, max_len, end
+        self.seqs = torch.zeros(G, k, 0, dtype=torch.long, device=dev)
+        self.pool = torch.full((G, k), float("-inf"), device=dev)  # finished captions' final scores, best first
+        self.pool_seqs = torch.zeros(G, k, max_len, dtype=torch.long, device=dev)  # each ends with <end>, then padding
+
+    def keep(self, keep: torch.Tensor) -> None:
+        self.scores, self.seqs, self.pool, self.pool_seqs = (
+            x[keep] for x in (self.scores, self.seqs, self.pool, self.pool_seqs))
+
+    def advance(self, top, src, tok, t: int, pen) -> tuple[torch.Tensor, torch.Tensor]:
+        """Take one step's best 2k candidates per group (scores, source rows, words), best first:
+        finished ones join the pool, the best k others live on. Returns (source rows, words) of the
+        new live rows."""
+        G, k, dev = self.scores.shape[0], self.scores.shape[1], top.device
+        is_end = tok == self.end
+        # Every candidate of this step has t+1 tokens, so raw log-probs rank them. Each beam has
+        # one <end> candidate, so the best 2k hold the best k that are not <end>.
+        # An <end> among the step's k best candidates finishes a caption (as in fairseq and
+        # Hugging Face); it joins the finished ones and never competes with live prefixes again.
+        prefixes = self.seqs.view(G * k, t)
+        ends = torch.where(is_end[:, :k], top[:, :k], float("-inf")) / pen
+        end_seqs = torch.cat([prefixes[src[:, :k]], torch.full((G, k, 1), self.end, dtype=torch.long, device=dev),
+                              torch.zeros(G, k, self.max_len - t - 1, dtype=torch.long, device=dev)], dim=2)
+        merged, merged_seqs = torch.cat([self.pool, ends], 1), torch.cat([self.pool_seqs, end_seqs], 1)
+        order = merged.argsort(dim=1, descending=True, stable=True)[:, :k]  # ties: the earlier caption stays
+        self.pool = merged.gather(1, order)
+        self.pool_seqs = merged_seqs.gather(1, order[..., None].expand(-1, -1, self.max_len))
+        # The live prefixes: the best k candidates that are not <end>, in rank order.
+        live = is_end.to(torch.uint8).argsort(dim=1, stable=True)[:, :k]
+        self.scores = torch.where(is_end, float("-inf"), top).gather(1, live)
+        src, tok = src.gather(1, live), tok.gather(1, live)
+        self.seqs = torch.cat([prefixes[src], tok[..., None]], dim=2)
+        return src.view(-1), tok.view(-1)

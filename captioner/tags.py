@@ -10,10 +10,12 @@ without a noun are left out. numpy only: the torch-free runtime tags with this m
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from .constraints import choose
 
 MAPPING = Path(__file__).parent / "assets" / "imagenet_nouns.tsv"
 TOP, MIN_PROB = 5, 0.05  # the keywords shown: at most TOP nouns, each at least MIN_PROB
@@ -34,6 +36,7 @@ class Tagger:
     bias: np.ndarray  # (classes,)
     nouns: list[str]  # per class, "" for a dropped one
     regions: int = 1  # feature rows per image: an attention model's are region vectors, whose mean is v
+    words: dict[str, list[str]] = field(default_factory=dict)  # per noun, its forms (constraint words)
 
     def __post_init__(self):
         self.weight, self.bias = np.asarray(self.weight, np.float32), np.asarray(self.bias, np.float32)
@@ -49,7 +52,8 @@ class Tagger:
 
     @classmethod
     def from_mapping(cls, weight, bias, regions: int = 1, path: str | Path = MAPPING) -> Tagger:
-        return cls(weight, bias, [noun for noun, _ in read_mapping(path)], regions)
+        mapping = read_mapping(path)
+        return cls(weight, bias, [noun for noun, _ in mapping], regions, {noun: ws for noun, ws in mapping if noun})
 
     def noun_probs(self, feats) -> np.ndarray:
         """Features (B, width) -> (B, len(vocabulary)) noun probabilities."""
@@ -58,6 +62,11 @@ class Tagger:
         logits = pooled @ self.weight.T + self.bias
         probs = np.exp(logits - logits.max(axis=1, keepdims=True))
         return (probs / probs.sum(axis=1, keepdims=True)) @ self._to_nouns
+
+    def constraints(self, feats, vocab_ids: dict[str, int], *, threshold: float, most: int) -> list[list[tuple]]:
+        """Per image, its guidance constraints (constraints.choose) as word-id sets."""
+        return [choose(row, self.vocabulary, self.words, vocab_ids, threshold=threshold, most=most)
+                for row in self.noun_probs(feats)]
 
     def __call__(self, feats, top: int = TOP, min_prob: float = MIN_PROB) -> list[list[dict]]:
         """Per image, [{"tag": noun, "prob": p}, ...]: its `top` likeliest nouns of at least min_prob."""

@@ -1,0 +1,68 @@
+"""Word constraints for guided decoding: which tags a caption must name, as a small state machine.
+
+Constrained beam search (Anderson et al., EMNLP 2017): the image's confident tags become
+disjunctive constraints ({cat, cats}), and the search keeps one beam per state of a finite-state
+machine over "which constraints are met". A caption counts once it meets `required` of them.
+
+The machine here has, per image:
+- state 0, FREE: the plain, unguided search. No word moves it, so its beams are exactly the
+  unguided beam search's, and the guided caption can fall back to them (`margin`);
+- one state per set of met constraints smaller than `required`, starting from the empty set;
+- one ACCEPTING state for every set of at least `required`: once enough are met, further
+  constraint words change nothing, so merging those states saves beams at no loss.
+With no constraints there is only FREE, which is plain beam search.
+torch-free: the runtime builds the same machine.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+FREE = 0
+# Tags that name the photo's setting or a part of it more than its subject, and so push captions
+# wrong when forced in.
+STOP = frozenset()
+
+
+@dataclass(frozen=True)
+class Machine:
+    """One image's state machine. moves[(state, word)] = next state, only where a word moves it."""
+
+    states: int
+    accepting: int | None  # the accepting state (None without constraints)
+    moves: dict[tuple[int, int], int]
+
+
+def choose(noun_probs: np.ndarray, nouns: list[str], words: dict[str, list[str]], vocab_ids: dict[str, int], *,
+           threshold: float, most: int, stop=STOP) -> list[tuple[int, ...]]:
+    """One image's constraints: its likeliest nouns of at least `threshold`, at most `most`, each as
+    the word ids of its forms that the vocabulary has (a noun it cannot write is skipped)."""
+    out = []
+    for i in np.argsort(-noun_probs, kind="stable"):
+        if noun_probs[i] < threshold or len(out) == most:
+            break
+        ids = tuple(sorted({vocab_ids[w] for w in words.get(nouns[i], ()) if w in vocab_ids}))
+        if nouns[i] not in stop and ids:
+            out.append(ids)
+    return out
+
+
+def machine(constraints: list[tuple[int, ...]], required: int = 2) -> Machine:
+    """The state machine of one image's constraints; a caption is accepted once it meets
+    min(required, len(constraints)) of them."""
+    n = len(constraints)
+    if n == 0:
+        return Machine(1, None, {})
+    need = min(required, n)
+    partial = [frozenset(c) for size in range(need) for c in itertools.combinations(range(n), size)]
+    index = {met: 1 + i for i, met in enumerate(partial)}
+    accepting = 1 + len(partial)
+    moves = {}
+    for met, state in index.items():
+        for word in sorted({w for ids in constraints for w in ids}):
+            after = met | {c for c, ids in enumerate(constraints) if word in ids}  # a word may meet two
+            if after != met:
+                moves[(state, word)] = accepting if len(after) >= need else index[after]
+    return Machine(accepting + 1, accepting, moves)
