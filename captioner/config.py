@@ -102,7 +102,7 @@ class DecodeConfig:
     # Guided beam search (constraints.py): the encoder's ImageNet tags of at least guide_threshold,
     # at most guide_max of them, are words the caption should name (min(2, n) of them); the unguided
     # caption stays where the guided one scores more than guide_margin below it. on | off.
-    guide: str = "on"
+    guide: str = "off"
     guide_threshold: float = 0.3
     guide_max: int = 2
     guide_margin: float = 2.0
