@@ -230,6 +230,8 @@ def evaluate(data, split=None, images=None, *, checkpoint=None, device="auto", p
     report["empty_hypotheses"] = sum(not tokenize(h) for h in captions.hypotheses)
     report |= metrics.bleu(captions.hypotheses, captions.references)
     report["bleu_method"] = metrics.BLEU_METHOD
+    report |= metrics.object_mentions(captions.hypotheses, captions.references)
+    report["mention_method"] = metrics.MENTION_METHOD
     report |= metrics.diversity(captions.hypotheses, training_captions(data, fmt, split))
 
     if coco is None:
@@ -294,6 +296,10 @@ def format_report(r: dict) -> str:
     if r["empty_hypotheses"]:
         lines.append(f"  {r['empty_hypotheses']} empty hypotheses (kept: they match nothing)")
     lines += ["", f"BLEU ({r['bleu_method']}):", "  " + _row(r, ["bleu1", "bleu2", "bleu3", "bleu4"])]
+    lines.append(f"object mentions ({r['mention_method']}):")
+    lines.append(f"  precision {r['mention_precision']:.2f}  recall {r['mention_recall']:.2f}  "
+                 f"F1 {r['mention_f1']:.2f}  ({r['mention_hits']} named of {r['mention_gold']} objects in "
+                 f"the references; {r['mention_predicted']} named in all)")
     verbatim = (f", {r['verbatim_train_pct']:.1f}% verbatim in the training captions"
                 if "verbatim_train_pct" in r else "")
     lines.append(f"diversity: {r['vocab_used']} words used, {r['distinct_pct']:.1f}% distinct captions{verbatim}, "

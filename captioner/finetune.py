@@ -126,7 +126,8 @@ def write_jsonl(examples: list[Example], images: str | Path, path: Path) -> None
 
 
 # -- the model ------------------------------------------------------------------------------
-def grow_vocabulary(decoder: dict[str, torch.Tensor], old: Vocab, new: Vocab) -> dict[str, torch.Tensor]:
+def grow_vocabulary(decoder: dict[str, torch.Tensor], old: Vocab, new: Vocab,
+                    like: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """The decoder's weights for `new`, which is `old` with k words appended (`Vocab.extend`).
 
     Every old row stays as it was, bit for bit. A new word's embedding and output rows start as
@@ -134,18 +135,28 @@ def grow_vocabulary(decoder: dict[str, torch.Tensor], old: Vocab, new: Vocab) ->
     are what it already knows of them (random rows would be noise, and the mean of all rows an
     average of unrelated words). Its output bias starts at <unk>'s minus log k, so the k new words
     together start with the probability the model gives <unk>, and the old words keep their order.
+
+    like: new word -> an old word whose rows it takes instead (DCC's direct transfer, Hendricks et
+    al. 2016: "zebra" is used like "horse"), bias minus log 2, so the old word stays ahead of it and
+    a caption no constraint asks for keeps the old word.
     """
     if new.itos[:len(old)] != old.itos:
         raise ValueError("the new vocabulary must start with the old one (see Vocab.extend)")
-    k = len(new) - len(old)
-    if k == 0:
+    like = like or {}
+    unknown = sorted(w for w, src in like.items() if w not in new.stoi or new.stoi[w] < len(old) or src not in old.stoi)
+    if unknown:
+        raise ValueError(f"transfer needs new words taking the rows of old ones: {unknown} are not")
+    added = new.itos[len(old):]
+    if not added:
         return dict(decoder)
+    k = len(added) - len(like)
+    source = torch.tensor([old.stoi[like[w]] if w in like else old.unk for w in added], dtype=torch.long)
     grown = dict(decoder)
     for name in ("embed.weight", "out.weight"):
-        w = decoder[name]
-        grown[name] = torch.cat([w, w[old.unk].expand(k, -1)])
+        grown[name] = torch.cat([decoder[name], decoder[name][source]])
     b = decoder["out.bias"]
-    grown["out.bias"] = torch.cat([b, (b[old.unk] - math.log(k)).expand(k)])
+    offset = torch.tensor([math.log(2) if w in like else math.log(k) for w in added], dtype=b.dtype)
+    grown["out.bias"] = torch.cat([b, b[source] - offset])
     return grown
 
 

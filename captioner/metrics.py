@@ -13,6 +13,9 @@ tests/test_evaluate.py), both from pycocoevalcap's bleu_scorer.py:
 Both pick the closest reference length for the brevity penalty and, on a tie, the
 shorter reference. Tokenization differs too: PTBTokenizer (Stanford CoreNLP) vs nltk's
 Treebank tokenizer, so expect coco BLEU to differ slightly from `bleu` on raw text.
+
+`object_mentions`: whether captions name the objects in the photo, the F1 of DCC (Hendricks et
+al. 2016) over every object noun of the tag mapping instead of eight held-out classes.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from collections import Counter
 
 from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
 
+from .tags import MAPPING, read_mapping
 from .vocab import TOKENIZER, tokenize
 
 _SENTENCE_SMOOTHING = SmoothingFunction().method1
@@ -120,6 +124,62 @@ def diversity(hypotheses: list[str], training_captions: list[str] | None = None)
         seen = {tuple(tokenize(c)) for c in training_captions}
         r["verbatim_train_pct"] = 100 * sum(t in seen for t in tokens) / max(1, len(tokens))
     return r
+
+
+# Words of the mapping's word sets that captions mostly use in another sense ("a man rides", "can",
+# "watches", "an orange shirt", "light brown"): counted, they would be objects nobody named.
+NOT_MENTIONS = frozenset({"ride", "rides", "can", "watch", "watches", "fly", "flies", "swing", "swings", "light",
+                          "lights", "orange", "cream", "drink", "drinks"})
+MENTION_METHOD = ("object mentions, micro-averaged: the nouns of the tag mapping (assets/imagenet_nouns.tsv, "
+                  "each with its word set) that at least 2 references name, against those the caption names; "
+                  f"words mostly used in another sense left out ({' '.join(sorted(NOT_MENTIONS))}); "
+                  f"tokens: {TOKENIZER}")
+
+
+def object_nouns(path=MAPPING) -> dict[str, set[str]]:
+    """noun -> its word set (e.g. cat -> {cat, cats}), the tag mapping's nouns less `NOT_MENTIONS`:
+    the objects mentions count."""
+    nouns: dict[str, set[str]] = {}
+    for noun, words in read_mapping(path):
+        if noun and set(words) - NOT_MENTIONS:
+            nouns.setdefault(noun, set()).update(set(words) - NOT_MENTIONS)
+    return nouns
+
+
+def mention_counts(hypotheses: list[str], references: list[list[str]], nouns: dict[str, set[str]],
+                   min_refs: int = 2) -> dict[str, Counter]:
+    """Per noun, Counter(hit, predicted, gold) over the images. An image's gold nouns are those that
+    at least `min_refs` of its references name (any word of the noun's set); its predicted nouns
+    those the hypothesis names; a hit is both."""
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} reference lists")
+    owner = {w: n for n, words in nouns.items() for w in words}
+
+    def named(text: str) -> set[str]:
+        return {owner[t] for t in tokenize(text) if t in owner}
+
+    counts: dict[str, Counter] = {}
+    for hyp, refs in zip(hypotheses, references):
+        votes = Counter(n for r in refs for n in named(r))
+        gold = {n for n, v in votes.items() if v >= min_refs}
+        predicted = named(hyp)
+        for n in gold | predicted:
+            c = counts.setdefault(n, Counter())
+            c.update(hit=int(n in gold and n in predicted), predicted=int(n in predicted), gold=int(n in gold))
+    return counts
+
+
+def object_mentions(hypotheses: list[str], references: list[list[str]], nouns: dict[str, set[str]] | None = None,
+                    min_refs: int = 2) -> dict[str, float]:
+    """Micro-averaged object-mention precision, recall and F1 (0-100) and their counts; see `mention_counts`.
+    nouns: noun -> word set, default the tag mapping's (`object_nouns`)."""
+    total = Counter(hit=0, predicted=0, gold=0)
+    for c in mention_counts(hypotheses, references, object_nouns() if nouns is None else nouns, min_refs).values():
+        total.update(c)
+    p = 100 * total["hit"] / total["predicted"] if total["predicted"] else 0.0
+    r = 100 * total["hit"] / total["gold"] if total["gold"] else 0.0
+    return {"mention_precision": p, "mention_recall": r, "mention_f1": 2 * p * r / (p + r) if p + r else 0.0,
+            "mention_hits": total["hit"], "mention_predicted": total["predicted"], "mention_gold": total["gold"]}
 
 
 def java_available() -> bool:

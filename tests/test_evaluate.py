@@ -115,6 +115,26 @@ def test_empty_hypothesis_scores_without_error():
     assert metrics.sentence_bleu("", REFS[0])["bleu1"] == 0
 
 
+def test_object_mentions_count_nouns_two_references_name_against_the_captions_nouns():
+    hyps = ["a dog chases two cats and a dog", "a man rides a bike", "a horse in a field", "a woman smiles"]
+    refs = [["a dog chases a cat", "two cats and a dog", "a dog runs"],  # gold dog, cat: both named
+            ["a man on a bicycle", "a man rides his bike", "a cyclist"],  # bike in 1 reference: not gold
+            ["a zebra grazing", "two zebras in a field", "a horse"],  # gold zebra (its plural counts), missed
+            ["a woman smiles", "a smiling woman", "a lady"]]  # no objects: counts nothing
+    r = metrics.object_mentions(hyps, refs)
+    # predicted: dog, cat | bike | horse; gold: dog, cat | - | zebra
+    assert (r["mention_hits"], r["mention_predicted"], r["mention_gold"]) == (2, 4, 3)
+    assert r["mention_precision"] == 50.0 and r["mention_recall"] == pytest.approx(200 / 3)
+    assert r["mention_f1"] == pytest.approx(2 * 50 * 200 / 3 / (50 + 200 / 3))
+    counts = metrics.mention_counts(hyps, refs, metrics.object_nouns())
+    assert counts["zebra"] == {"hit": 0, "predicted": 0, "gold": 1} and counts["bike"]["predicted"] == 1
+    # Another noun list and threshold: "bicycle" joins bike, one reference is enough.
+    r1 = metrics.object_mentions(hyps, refs, {"bike": {"bike", "bicycle"}, "dog": {"dog"}}, min_refs=1)
+    assert (r1["mention_hits"], r1["mention_predicted"], r1["mention_gold"]) == (2, 2, 2)
+    assert metrics.object_mentions(["a woman"], [["a woman"]])["mention_f1"] == 0.0  # nothing to name: no error
+    assert "ride" not in metrics.object_nouns()  # "rides" (the carousel's noun) is a verb in captions
+
+
 # -- the human ceiling --------------------------------------------------------------------
 
 def test_human_ceiling_is_one_corpus_of_each_reference_against_the_others():
@@ -196,6 +216,8 @@ def test_model_evaluation_skips_bad_images_counts_them_and_writes_results(broken
     diversity = {k: report[k] for k in ("vocab_used", "distinct_pct", "mean_length")}
     assert diversity == pytest.approx(metrics.diversity(hyps))
     assert "verbatim_train_pct" not in report  # this folder has no train split to compare with
+    mentions = {k: report[k] for k in ("mention_precision", "mention_recall", "mention_f1")}
+    assert mentions == pytest.approx({k: v for k, v in metrics.object_mentions(hyps, refs).items() if k in mentions})
 
     # The same captions scored from the results file, with no model: a missing checkpoint is never opened.
     rc, out, _ = run_cli(capsys, "--data", str(root), "--split", "test", "--results",

@@ -42,6 +42,24 @@ def test_vocab_extension_keeps_old_ids_and_rows_bit_identical(tiny_checkpoint):
         grow_vocabulary(base["decoder"], new, old)
 
 
+def test_transferred_words_take_their_known_words_rows_and_stay_behind_them(tiny_checkpoint):
+    base = checkpoint.load(tiny_checkpoint)
+    old = Vocab.from_dict(base["vocab"])
+    new = Vocab(old.itos + ["hexagon", "hexagons", "purple"])
+    grown = grow_vocabulary(base["decoder"], old, new, like={"hexagon": "circle", "hexagons": "circle"})
+    d, circle = base["decoder"], old.stoi["circle"]
+    for word in ("hexagon", "hexagons"):
+        i = new.stoi[word]
+        assert torch.equal(grown["embed.weight"][i], d["embed.weight"][circle])
+        assert torch.equal(grown["out.weight"][i], d["out.weight"][circle])
+        assert torch.isclose(grown["out.bias"][i], d["out.bias"][circle] - math.log(2))
+    # The one word without a known twin gets <unk>'s rows, sharing <unk>'s probability alone.
+    assert torch.equal(grown["embed.weight"][new.stoi["purple"]], d["embed.weight"][old.unk])
+    assert torch.isclose(grown["out.bias"][new.stoi["purple"]], d["out.bias"][old.unk])
+    with pytest.raises(ValueError, match="taking the rows of old ones"):
+        grow_vocabulary(d, old, new, like={"hexagon": "nonword"})
+
+
 def test_split_by_image_is_deterministic_and_independent_of_order(tiny_data):
     from captioner.data import load_flickr8k
 
