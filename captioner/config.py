@@ -134,6 +134,8 @@ class DecodeConfig:
         whole("n_best", 1)
         whole("top_k", 0)
         whole("guide_max", 0)
+        if isinstance(self.guide, bool):  # YAML reads a bare on/off as a boolean
+            self.guide = "on" if self.guide else "off"
         if self.guide not in ("on", "off"):
             raise ValueError(f"decoding option guide must be 'on' or 'off', got {self.guide!r}")
         if not 0.0 <= self.guide_threshold <= 1.0 or not self.guide_margin >= 0.0:

@@ -207,9 +207,10 @@ def test_beam_wider_than_vocabulary_still_returns_valid_hypotheses():
         assert all(torch.isfinite(torch.tensor(h.score)) for h in hs)
 
 
-def exhaustive_best(decoder, feat, *, words, start, end, max_len, length_penalty, alpha):
+def exhaustive_best(decoder, feat, *, words, start, end, max_len, length_penalty, alpha, must=()):
     """The true best caption by brute force: every word sequence that ends within max_len
-    steps, and every max_len-word one that never ends, scored by teacher forcing."""
+    steps, and every max_len-word one that never ends, scored by teacher forcing; with `must`
+    (word-id sets), only those naming a word of each set."""
     best = (float("-inf"), None)
     with torch.inference_mode():
         for n in range(max_len + 1):
@@ -221,6 +222,8 @@ def exhaustive_best(decoder, feat, *, words, start, end, max_len, length_penalty
                 final = (prefix + logp[:, n, end]) / penalty(torch.tensor(n + 1), length_penalty, alpha)
             else:
                 final = prefix / penalty(torch.tensor(n), length_penalty, alpha)
+            for ids in must:
+                final = torch.where(torch.isin(seqs, torch.tensor(ids)).any(1), final, float("-inf"))
             i = int(final.argmax())
             if final[i] > best[0]:
                 best = (float(final[i]), seqs[i].tolist())
@@ -244,6 +247,50 @@ def test_beam_as_wide_as_the_candidates_finds_the_true_best_caption(length_penal
                                         length_penalty=length_penalty, alpha=alpha)
         assert hyps[0].tokens == tokens
         assert hyps[0].score == pytest.approx(score, abs=1e-4)
+
+
+def _peaked_decoder():
+    torch.manual_seed(1)
+    dec = build_decoder(ModelConfig(embed_dim=8, hidden_dim=16, dropout=0.0), vocab_size=7, feature_dim=4).eval()
+    with torch.no_grad():
+        dec.out.weight.mul_(6)  # peaked word distributions, like a trained model's
+    return dec
+
+
+@pytest.mark.parametrize("length_penalty", ["none", "wu"])
+def test_guided_search_finds_the_best_caption_that_meets_the_constraints(length_penalty):
+    # As above, a beam of 12 per state holds every candidate: the accepting state must hold the
+    # true best caption naming both {4} and {5, 6}, and the free state the true best of all.
+    dec = _peaked_decoder()
+    words, start, end, max_len = (4, 5, 6), 1, 2, 3
+    feats = torch.randn(24, 4)
+    must = [(4,), (5, 6)]
+    common = dict(start=start, end=end, beam_size=12, max_len=max_len, banned=(0, 1, 3), length_penalty=length_penalty)
+    guided = beam_search(dec, feats, constraints=[must] * len(feats), **common)
+    fallback = beam_search(dec, feats, constraints=[must] * len(feats), margin=0.0, **common)
+    for feat, hyps, hyps0 in zip(feats, guided, fallback):
+        score, tokens = exhaustive_best(dec, feat[None], words=words, start=start, end=end, max_len=max_len,
+                                        length_penalty=length_penalty, alpha=0.7, must=must)
+        free_score, free_tokens = exhaustive_best(dec, feat[None], words=words, start=start, end=end,
+                                                  max_len=max_len, length_penalty=length_penalty, alpha=0.7)
+        assert (hyps[0].tokens, hyps[0].score) == (tokens, pytest.approx(score, abs=1e-4))
+        # margin 0: the guided caption only where it scores as well as the unguided one
+        assert hyps0[0].tokens == (tokens if score >= free_score else free_tokens)
+
+
+def test_guided_search_batched_equals_one_by_one_and_without_constraints_is_plain_search():
+    dec = _peaked_decoder()
+    feats = torch.randn(12, 4)
+    common = dict(start=1, end=2, beam_size=3, max_len=6, banned=(0, 1, 3), length_penalty="wu", n_best=2)
+    constraints = [[], [(4,)], [(5,), (6,)], [(4,), (5,), (6,)]] * 3
+    batched = beam_search(dec, feats, constraints=constraints, **common)
+    alone = [beam_search(dec, f[None], constraints=[c], **common)[0] for f, c in zip(feats, constraints)]
+    assert [[h.tokens for h in hs] for hs in batched] == [[h.tokens for h in hs] for hs in alone]
+    assert [h.score for hs in batched for h in hs] == pytest.approx([h.score for hs in alone for h in hs], abs=1e-5)
+    assert beam_search(dec, feats, constraints=[[]] * 12, **common) == beam_search(dec, feats, **common)
+    for hyps, c in zip(batched, constraints):
+        named = sum(any(w in hyps[0].tokens for w in ids) for ids in c)
+        assert named >= min(2, len(c))  # margin inf: always the guided caption
 
 
 def test_a_finished_caption_does_not_take_the_place_of_a_live_beam_that_finishes_better():
