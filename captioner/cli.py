@@ -92,7 +92,8 @@ def cmd_finetune(args):
 
     given = dict(start=args.start, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                  min_count=args.min_count, replay=args.replay, self_critical=args.self_critical,
-                 val_fraction=args.val_fraction, device=args.device, seed=args.seed, workers=args.workers)
+                 val_fraction=args.val_fraction, device=args.device, seed=args.seed, workers=args.workers,
+                 forget_budget=args.forget_budget)
     settings = Settings(**{k: v for k, v in given.items() if v is not None})  # unset: Settings' defaults
     report = finetune(args.data, args.out, fmt=args.format, images=args.images, val=args.val, settings=settings)
     print(format_report(report, args.out))
@@ -230,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--workers", type=int, default=None, help="image-decoding processes for feature extraction")
+    p.add_argument("--forget-budget", type=float, default=None, metavar="BLEU_POINTS",
+                   help="how much the starting model's own dev split may lose: this many BLEU-4 points and 3 times "
+                   "as many CIDEr-D; the model kept is the point between the starting and the fine-tuned model "
+                   "with the best validation CIDEr-D within it (default 1.0; inf: the new domain only)")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("demo", help="the Gradio demo in the browser")

@@ -14,8 +14,11 @@ The steps, each done by the module that owns it:
      from OUT/start.pt, early stop on validation BLEU-4, optionally a share of the starting
      model's own training data in the batches (`train.replay`), optionally self-critical
      epochs after;
-  5. report the validation scores before and after (and the starting model's own dev
-     split before and after, when its features are cached: what was forgotten).
+  5. choose the model to keep on the line between OUT/start.pt and the fine-tuned model
+     (OUT/finetuned.pt), WiSE-FT style (`interpolation`): the best validation CIDEr-D whose
+     loss on the starting model's own dev split stays within the forgetting budget; without
+     that dev split, a fixed point (`UNMEASURED_ALPHA`);
+  6. report both sides before and after: validation and the starting model's dev split.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from tqdm import tqdm
 
 from . import checkpoint
 from .config import Config, DataConfig, TrainConfig
@@ -38,9 +42,14 @@ from .evaluate import MISSING_FILE, NO_REFERENCES, SHOW_SKIPPED, UNREADABLE, dec
 from .features import StaleCache, extract_all, open_features
 from .images import ImageError, load_image
 from .inference import DEFAULT_CHECKPOINT, Captioner
+from .interpolation import ALPHAS, CIDER_PER_BLEU, Point, choose, forgetting, interpolate
 from .metrics import CiderD, bleu
 from .train import train
 from .vocab import Vocab, tokenize
+
+# The point kept when the starting model's dev data is absent (so forgetting cannot be measured):
+# the one the budget of 1.0 chose on COCO-MINI from the shipped model (docs/finetune.md).
+UNMEASURED_ALPHA = 0.3
 
 
 @dataclass
@@ -59,6 +68,9 @@ class Settings:
     device: str = "auto"
     seed: int = 0
     workers: int = 2  # image-decoding processes for feature extraction
+    # BLEU-4 points the starting model's own dev split may lose (CIDEr-D: CIDER_PER_BLEU times as many);
+    # inf: the best new-domain point, whatever it forgets
+    forget_budget: float = 1.0
 
 
 @dataclass
@@ -68,9 +80,14 @@ class Report:
     val_images: int = 0
     new_words: list[str] = field(default_factory=list)
     before: dict[str, float] = field(default_factory=dict)
-    after: dict[str, float] = field(default_factory=dict)
-    base_dev: dict[str, dict[str, float]] | str = "not measured"  # the starting model's dev split: before, after
-    chosen: str = "teacher forcing"  # which stage gave OUT/best.pt
+    after: dict[str, float] = field(default_factory=dict)  # the chosen point (OUT/best.pt)
+    finetuned: dict[str, float] = field(default_factory=dict)  # the fine-tuned model alone (OUT/finetuned.pt)
+    # the starting model's dev split: before, after, finetuned; or why it was not measured
+    base_dev: dict | str = "not measured"
+    chosen: str = "teacher forcing"  # which training stage gave OUT/finetuned.pt
+    alpha: float = 1.0  # the chosen point: 0 the starting model, 1 the fine-tuned one
+    why: str = ""
+    points: list[dict] = field(default_factory=list)  # every point tried: alpha, new (and old) scores
 
 
 # -- data ---------------------------------------------------------------------------------
@@ -173,11 +190,38 @@ def scores(captioner: Captioner, feats, examples: list[Example]) -> dict[str, fl
 # -- the flow -----------------------------------------------------------------------------
 def finetune(data: str | Path, out: str | Path, *, fmt: str = "auto", images: str | Path | None = None,
              val: str | Path | None = None, settings: Settings | None = None) -> Report:
-    """Fine-tune on a captioned photo collection; writes OUT/best.pt (and OUT/report.json)."""
+    """Fine-tune on a captioned photo collection; writes OUT/best.pt (the chosen point between the
+    starting and the fine-tuned model), OUT/finetuned.pt and OUT/report.json."""
     s, out = settings or Settings(), Path(out)
     if (out / "best.pt").exists():
         raise ValueError(f"{out} already holds a fine-tuned model (best.pt): choose another --out")
     report = Report()
+    data_cfg, train_ex, val_ex = _examples(data, fmt, images, val, s.val_fraction, report)
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(train_ex, data_cfg.images, out / "train.jsonl")
+    write_jsonl(val_ex, data_cfg.images, out / "val.jsonl")
+    base, base_cfg, min_count = _start_model(train_ex, out, s, report)
+    cfg = _run_config(base_cfg, data_cfg.images, out, min_count, s)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    extract_all(cfg, num_workers=s.workers)
+    val_ex = load_split(cfg.data, "val")  # as training reads it: ids are the paths in OUT/val.jsonl
+    before = Captioner.from_payload(base, device=s.device)
+    val_feats = open_features(cfg.data.feature_cache, "val", val_ex, before.encoder)
+    report.before = scores(before, val_feats, val_ex)
+
+    torch.manual_seed(s.seed)
+    train(cfg)
+    if s.self_critical:
+        report.chosen = _self_critical(cfg, out, s)
+    (out / "best.pt").replace(out / "finetuned.pt")
+    _choose_point(out, base_cfg, before, (val_feats, val_ex), s, report)
+    (out / "report.json").write_text(json.dumps(report.__dict__, indent=1, default=str) + "\n")
+    return report
+
+
+def _examples(data, fmt, images, val, val_fraction: float,
+              report: Report) -> tuple[DataConfig, list[Example], list[Example]]:
+    """(the data's config, the usable training examples, the validation ones)."""
     data_cfg, train_ex = load_captions(data, fmt, images)
     train_ex = usable(train_ex, report.skipped)
     if val is not None:
@@ -186,13 +230,14 @@ def finetune(data: str | Path, out: str | Path, *, fmt: str = "auto", images: st
         if not train_ex or not val_ex:
             raise ValueError(f"no usable images left in {data if not train_ex else val}; skipped: {_counts(report)}")
     else:
-        train_ex, val_ex = split_by_image(train_ex, s.val_fraction)
+        train_ex, val_ex = split_by_image(train_ex, val_fraction)
     report.train_images, report.val_images = len(train_ex), len(val_ex)
-    out.mkdir(parents=True, exist_ok=True)
-    image_dir = data_cfg.images
-    write_jsonl(train_ex, image_dir, out / "train.jsonl")
-    write_jsonl(val_ex, image_dir, out / "val.jsonl")
+    return data_cfg, train_ex, val_ex
 
+
+def _start_model(train_ex: list[Example], out: Path, s: Settings, report: Report) -> tuple[dict, Config, int]:
+    """The starting model with the new words (saved as OUT/start.pt; the new words go into `report`)
+    and its own data's features cached: (its payload, its config, the new words' min_count)."""
     base = checkpoint.load(s.start or DEFAULT_CHECKPOINT)
     if isinstance(base["decoder"], list):
         raise ValueError("fine-tuning starts from a single model, not an ensemble")
@@ -202,7 +247,7 @@ def finetune(data: str | Path, out: str | Path, *, fmt: str = "auto", images: st
     base_cfg.train = replace(base_cfg.train, encoder_top_blocks=0, device=s.device)
     if "encoder" in base:
         # A fine-tuned encoder (the shipped model's): the features cached for the starting model's own
-        # data (replay, and the forgetting report) must be its own, not the pretrained encoder's.
+        # data (replay, and the forgetting check) must be its own, not the pretrained encoder's.
         base_cfg.data.feature_cache = str(out / "base_features")
     old = Vocab.from_dict(base["vocab"])
     min_count = base_cfg.data.min_count if s.min_count is None else s.min_count
@@ -218,31 +263,76 @@ def finetune(data: str | Path, out: str | Path, *, fmt: str = "auto", images: st
                         splits=[d.dev_split, *([d.train_split] if s.replay else [])])
         except (FileNotFoundError, ValueError, StaleCache) as e:  # not here: replay says so, the report skips it
             print(f"the starting model's own data was not cached ({str(e).splitlines()[0]})")
+    return base, base_cfg, min_count
 
-    cfg = Config(model=base_cfg.model, decode=base_cfg.decode,
-                 data=DataConfig(format="jsonl", root=str(out / "train.jsonl"), images=image_dir,
-                                 dev_split="val", dev_annotations=str(out / "val.jsonl"), min_count=min_count,
-                                 max_caption_len=base_cfg.data.max_caption_len,
-                                 feature_cache=str(out / "features"), feature_dtype=base_cfg.data.feature_dtype),
-                 train=TrainConfig(out_dir=str(out), init_from=str(start), epochs=s.epochs, patience=s.patience,
-                                   lr=s.lr, batch_size=s.batch_size, schedule="constant", replay=s.replay,
-                                   seed=s.seed, device=s.device, log_every=1))
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    extract_all(cfg, num_workers=s.workers)
-    val_ex = load_split(cfg.data, "val")  # as training reads it: ids are the paths in OUT/val.jsonl
-    before = Captioner.from_payload(base, device=s.device)
-    val_feats = open_features(cfg.data.feature_cache, "val", val_ex, before.encoder)
-    report.before = scores(before, val_feats, val_ex)
 
-    torch.manual_seed(s.seed)
-    train(cfg)
-    if s.self_critical:
-        report.chosen = _self_critical(cfg, out, s)
-    after = Captioner.load(out / "best.pt", device=s.device)
-    report.after = scores(after, val_feats, val_ex)
-    report.base_dev = _base_dev(base_cfg, before, after)
-    (out / "report.json").write_text(json.dumps(report.__dict__, indent=1, default=str) + "\n")
-    return report
+def _run_config(base_cfg: Config, image_dir: str, out: Path, min_count: int, s: Settings) -> Config:
+    """The training run's config: the starting model's model and decoding, the user's data."""
+    return Config(model=base_cfg.model, decode=base_cfg.decode,
+                  data=DataConfig(format="jsonl", root=str(out / "train.jsonl"), images=image_dir,
+                                  dev_split="val", dev_annotations=str(out / "val.jsonl"), min_count=min_count,
+                                  max_caption_len=base_cfg.data.max_caption_len,
+                                  feature_cache=str(out / "features"), feature_dtype=base_cfg.data.feature_dtype),
+                  train=TrainConfig(out_dir=str(out), init_from=str(out / "start.pt"), epochs=s.epochs,
+                                    patience=s.patience, lr=s.lr, batch_size=s.batch_size, schedule="constant",
+                                    replay=s.replay, seed=s.seed, device=s.device, log_every=1))
+
+
+def _choose_point(out: Path, base_cfg: Config, before: Captioner, new_data, s: Settings, report: Report) -> None:
+    """Scores the points between OUT/start.pt and OUT/finetuned.pt, chooses one by the forgetting
+    budget (`interpolation.choose`), writes it as OUT/best.pt and records all of it in `report`."""
+    start, tuned = checkpoint.load(out / "start.pt"), checkpoint.load(out / "finetuned.pt")
+    n_old = len(start["vocab"]["itos"]) - len(report.new_words)
+    cap = Captioner.from_payload(tuned, device=s.device)  # one model; each point loads its weights into it
+
+    def at(alpha: float) -> Captioner:
+        cap.decoder.load_state_dict(interpolate(start["decoder"], tuned["decoder"], alpha, n_old))
+        return cap
+
+    points = [Point(a, scores(at(a), *new_data)) for a in tqdm(ALPHAS, desc="points on validation", unit="point")]
+    old_data = _base_dev(base_cfg, before)
+    if isinstance(old_data, str):
+        report.base_dev = old_data
+        chosen = (max(points, key=lambda p: p.new["cider"]) if math.isinf(s.forget_budget)
+                  else next(p for p in points if p.alpha == UNMEASURED_ALPHA))
+    else:
+        def score_old(alpha: float) -> dict[str, float]:
+            print(f"scoring alpha {alpha:.1f} on the starting model's dev ({report.base_dev['data']})")
+            return scores(at(alpha), *old_data)
+
+        report.base_dev = {"data": f"{base_cfg.data.root} {base_cfg.data.dev_split}",
+                           "before": scores(before, *old_data)}
+        chosen = choose(points, score_old, report.base_dev["before"], s.forget_budget)
+        points[-1].old = points[-1].old or score_old(1.0)  # the fine-tuned model alone, for the report
+    report.alpha, report.why = _why(chosen, report, s.forget_budget)
+    if chosen is None:  # nothing within the budget: the starting model itself, new words at <unk>'s share
+        shutil.copyfile(out / "start.pt", out / "best.pt")
+        report.after = report.before
+    else:
+        checkpoint.save(out / "best.pt", config=tuned["config"], vocab=tuned["vocab"], encoder=tuned.get("encoder"),
+                        decoder=interpolate(start["decoder"], tuned["decoder"], chosen.alpha, n_old))
+        report.after = chosen.new
+    if isinstance(report.base_dev, dict):
+        report.base_dev["after"] = report.base_dev["before"] if chosen is None else chosen.old
+        report.base_dev["finetuned"] = points[-1].old
+    report.finetuned = points[-1].new
+    report.points = [p.__dict__ for p in points]
+
+
+def _why(chosen: Point | None, report: Report, budget: float) -> tuple[float, str]:
+    """(the chosen alpha, the reason in words)."""
+    if isinstance(report.base_dev, str):
+        if math.isinf(budget):
+            return chosen.alpha, "the best validation CIDEr-D (--forget-budget inf: the old data is not weighed)"
+        return chosen.alpha, (f"fixed: the starting model's dev data is not here, so what it forgets cannot be "
+                              f"measured; alpha {UNMEASURED_ALPHA} is the point measured to keep the old world on "
+                              f"COCO-MINI from the shipped model (docs/finetune.md)")
+    limits = f"BLEU-4 drop within --forget-budget {budget:g} and CIDEr-D drop within {budget * CIDER_PER_BLEU:g}"
+    if chosen is None:
+        return 0.0, f"the starting model: no point tried kept the starting model's dev {limits}"
+    bleu_drop, cider_drop = forgetting(chosen.old, report.base_dev["before"])
+    return chosen.alpha, (f"the best validation CIDEr-D of the {len(ALPHAS)} points whose starting model's dev "
+                          f"{limits} (drops here: BLEU-4 {bleu_drop:.2f}, CIDEr-D {cider_drop:.2f})")
 
 
 def _self_critical(cfg: Config, out: Path, s: Settings) -> str:
@@ -265,15 +355,14 @@ def _best_bleu4(run: Path) -> float:
     return max(json.loads(line)["bleu4"] for line in (run / "metrics.jsonl").read_text().splitlines())
 
 
-def _base_dev(base_cfg: Config, before: Captioner, after: Captioner):
-    """The starting model's own dev split, before and after: what fine-tuning made it forget."""
+def _base_dev(base_cfg: Config, before: Captioner):
+    """The starting model's own dev split as (features, examples), where it can be read; else why not."""
     d = base_cfg.data
     try:
         dev = load_split(d, d.dev_split)
-        feats = open_features(d.feature_cache, d.dev_split, dev, before.encoder)
+        return open_features(d.feature_cache, d.dev_split, dev, before.encoder), dev
     except (StaleCache, FileNotFoundError, ValueError) as e:
         return f"not measured: {str(e).splitlines()[0]}"
-    return {"data": f"{d.root} {d.dev_split}", "before": scores(before, feats, dev), "after": scores(after, feats, dev)}
 
 
 def _counts(report: Report) -> str:
@@ -281,18 +370,23 @@ def _counts(report: Report) -> str:
 
 
 def format_report(r: Report, out: str | Path) -> str:
-    lines = [f"fine-tuned on {r.train_images} images, validated on {r.val_images}; best model: {out}/best.pt "
-             f"({r.chosen})"]
+    lines = [f"fine-tuned on {r.train_images} images, validated on {r.val_images}; best model: {out}/best.pt"]
     for reason, ids in r.skipped.items():
         names = ", ".join(str(i) for i in ids[:SHOW_SKIPPED]) + (", ..." if len(ids) > SHOW_SKIPPED else "")
         lines.append(f"  {len(ids)} image{'s' * (len(ids) != 1)} skipped: {reason} ({names})")
     lines.append(f"new words ({len(r.new_words)}): {' '.join(r.new_words) or 'none'}")
-    lines.append(f"validation  BLEU-4 {r.before['bleu4']:.2f} -> {r.after['bleu4']:.2f}   "
-                 f"CIDEr-D {r.before['cider']:.2f} -> {r.after['cider']:.2f}")
-    if isinstance(r.base_dev, dict):
-        b, a = r.base_dev["before"], r.base_dev["after"]
-        lines.append(f"starting model's dev ({r.base_dev['data']})  BLEU-4 {b['bleu4']:.2f} -> {a['bleu4']:.2f}   "
-                     f"CIDEr-D {b['cider']:.2f} -> {a['cider']:.2f}")
-    else:
+    dev = r.base_dev if isinstance(r.base_dev, dict) else {}
+    rows = [("starting model", r.before, dev.get("before")),
+            (f"fine-tuned ({r.chosen}, {out}/finetuned.pt)", r.finetuned, dev.get("finetuned")),
+            (f"chosen: alpha {r.alpha:.1f} ({out}/best.pt)", r.after, dev.get("after"))]
+    width = max(len(name) for name, _, _ in rows)
+    old_name = f"starting model's dev ({dev['data']})" if dev else "starting model's dev"
+    lines.append(f"{'':{width}}  validation       {old_name}")
+    lines.append(f"{'':{width}}  BLEU-4  CIDEr-D  BLEU-4  CIDEr-D")
+    for name, new, old in rows:
+        old_cols = f"{old['bleu4']:6.2f}  {old['cider']:7.2f}" if old else "     -        -"
+        lines.append(f"{name:{width}}  {new['bleu4']:6.2f}  {new['cider']:7.2f}  {old_cols}")
+    if not dev:
         lines.append(f"starting model's dev split {r.base_dev}")
+    lines.append(f"alpha {r.alpha:.1f} (0: the starting model, 1: the fine-tuned one): {r.why}")
     return "\n".join(lines)

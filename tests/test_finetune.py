@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -102,8 +103,8 @@ def test_finetune_writes_a_model_that_loads_like_any_other(tiny_run, user_photos
     assert "2 images skipped" not in printed
     assert "1 image skipped: missing file (photos/gone.jpg)" in printed
     assert "1 image skipped: unreadable image (photos/broken.jpg)" in printed
-    assert "new words (2): orange an" in printed and "validation  BLEU-4" in printed
-    assert "starting model's dev" in printed  # the tiny model's dev features are cached: forgetting is measured
+    assert "new words (2): orange an" in printed and "validation       starting model" in printed
+    assert "starting model's dev (" in printed  # the tiny model's dev features are cached: forgetting is measured
 
     cap = Captioner.load(out / "best.pt", device="cpu")
     old = Vocab.from_dict(checkpoint.load(start)["vocab"])
@@ -155,3 +156,73 @@ def test_finetune_from_a_model_with_a_fine_tuned_encoder(tiny_run, user_photos, 
     assert (tmp_path / "run" / "base_features" / "train.npy").is_file()
     stored = checkpoint.load(tmp_path / "run" / "best.pt")["encoder"]
     assert all(torch.equal(stored[k], v) for k, v in encoder.items())
+
+
+def test_interpolation_keeps_old_ids_and_takes_the_new_rows_from_the_fine_tuning(tiny_checkpoint):
+    from captioner.interpolation import interpolate
+
+    base = checkpoint.load(tiny_checkpoint)
+    old = Vocab.from_dict(base["vocab"])
+    new = old.extend(["an orange hexagon"] * 2, min_count=2)
+    start = grow_vocabulary(base["decoder"], old, new)
+    torch.manual_seed(0)
+    tuned = {k: t + torch.randn_like(t) if t.is_floating_point() else t for k, t in start.items()}
+    n_old = len(old)
+    at0, at1, half = (interpolate(start, tuned, a, n_old) for a in (0.0, 1.0, 0.5))
+    for name in ("embed.weight", "out.weight", "out.bias"):
+        assert torch.equal(at0[name][:n_old], base["decoder"][name])  # alpha 0: the old words as they were
+        assert torch.allclose(half[name][:n_old], (start[name][:n_old] + tuned[name][:n_old]) / 2)
+        for mixed in (at0, half, at1):  # the new words keep their fine-tuned rows at every point
+            assert torch.equal(mixed[name][n_old:], tuned[name][n_old:])
+    assert all(torch.equal(at1[k], tuned[k]) for k in tuned)
+    assert all(torch.equal(at0[k], start[k]) for k in start if k not in ("embed.weight", "out.weight", "out.bias"))
+    # The mixed decoder loads into the grown model: the old ids still name the old words.
+    cap = Captioner.from_payload({**base, "vocab": new.to_dict(), "decoder": half}, device="cpu")
+    assert cap.vocab.itos[:n_old] == old.itos and cap.vocab.stoi["red"] == old.stoi["red"]
+
+
+def _old_dev_scores(tiny_cfg, model_path):
+    from captioner.data import load_split
+    from captioner.features import open_features
+    from captioner.finetune import scores
+
+    cap = Captioner.load(model_path, device="cpu")
+    dev = load_split(tiny_cfg.data, tiny_cfg.data.dev_split)
+    return scores(cap, open_features(tiny_cfg.data.feature_cache, tiny_cfg.data.dev_split, dev, cap.encoder), dev)
+
+
+def test_the_chosen_model_forgets_no_more_than_the_budget(tiny_run, user_photos, tmp_path):
+    cfg, start = tiny_run
+    before = _old_dev_scores(cfg, start)
+    # A high learning rate on new data only: the fine-tuned model alone drifts from the old shapes.
+    report = finetune(user_photos / "captions.csv", tmp_path / "run", images=user_photos,
+                      settings=Settings(start=str(start), epochs=3, lr=3e-2, forget_budget=1.0, device="cpu",
+                                        workers=0))
+    assert isinstance(report.base_dev, dict) and report.base_dev["before"] == pytest.approx(before)
+    after = _old_dev_scores(cfg, tmp_path / "run" / "best.pt")  # scored again, from the written model
+    assert before["bleu4"] - after["bleu4"] <= 1.0 and before["cider"] - after["cider"] <= 3.0
+    assert after == pytest.approx(report.base_dev["after"])
+    assert (tmp_path / "run" / "finetuned.pt").is_file() and len(report.points) == 10
+    text = format_report(report, tmp_path / "run")
+    assert f"alpha {report.alpha:.1f}" in text and "--forget-budget 1" in text
+
+
+def test_without_the_starting_model_s_data_the_run_says_what_it_skipped(tiny_run, user_photos, tmp_path):
+    from captioner.finetune import UNMEASURED_ALPHA
+
+    _, start = tiny_run
+    payload = checkpoint.load(start)
+    payload["config"]["data"]["root"] = str(tmp_path / "not_here")  # its training data is not on this machine
+    checkpoint.save(tmp_path / "alone.pt", config=payload["config"], vocab=payload["vocab"], decoder=payload["decoder"])
+    settings = Settings(start=str(tmp_path / "alone.pt"), epochs=2, lr=1e-2, device="cpu", workers=0)
+    report = finetune(user_photos / "captions.csv", tmp_path / "run", images=user_photos, settings=settings)
+    assert isinstance(report.base_dev, str) and report.base_dev.startswith("not measured")
+    assert report.alpha == UNMEASURED_ALPHA and "cannot be measured" in report.why
+    text = format_report(report, tmp_path / "run")
+    assert "starting model's dev split not measured" in text and "fixed" in text
+    Captioner.load(tmp_path / "run" / "best.pt", device="cpu")
+    # --forget-budget inf: the best validation point, the old side unweighed.
+    report = finetune(user_photos / "captions.csv", tmp_path / "inf", images=user_photos,
+                      settings=replace(settings, forget_budget=math.inf))
+    assert report.after["cider"] == max(p["new"]["cider"] for p in report.points)
+    assert "not weighed" in report.why
