@@ -6,7 +6,7 @@ import json
 import sys
 
 from .errors import CheckpointError, StaleCache, WeightsUnavailable, needs_train_extra
-from .output import decode_args, decode_options, print_captions
+from .output import Deprecated, decode_args, decode_options, print_captions
 
 
 def _checkpoint_arg(p):
@@ -216,7 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "--val-fraction of the images)")
     p.add_argument("--val-fraction", type=float, default=None, help="share of the images kept for validation "
                    "(default 0.2)")
-    p.add_argument("--from", dest="start", default=None, help="checkpoint to start from (default: the shipped model)")
+    p.add_argument("--checkpoint", "-c", dest="start", default=None,
+                   help="checkpoint to start from (default: the shipped model)")
+    p.add_argument("--from", dest="start", action=Deprecated, new="--checkpoint", help=argparse.SUPPRESS)
     p.add_argument("--out", required=True, help="run folder: best.pt, report.json, the split, the feature cache")
     p.add_argument("--epochs", type=int, default=None, help="most teacher-forcing epochs (default 15; "
                    "stops early when validation BLEU-4 stalls)")

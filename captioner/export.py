@@ -89,7 +89,7 @@ def preprocessing(transform) -> dict:
 def check_exportable(decoder) -> None:
     if isinstance(decoder, Ensemble):
         raise ExportError(f"an ensemble of {len(decoder.members)} decoders cannot be exported as one bundle: export "
-                          "one member, or average them into one decoder (scripts/export_model.py --average)")
+                          "one member, or average them into one decoder (scripts/combine_checkpoints.py --average)")
     if isinstance(decoder, AttentionDecoder):
         raise ExportError("the attention decoder (model.attention) cannot be exported yet: its step needs the "
                           "image's regions and the runtime's graphs carry one feature vector per image")

@@ -5,13 +5,28 @@ and `python -m captioner.runtime` use it.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
 
+class Deprecated(argparse.Action):
+    """An old spelling of a flag that still works for one release, with a warning on stderr."""
+
+    def __init__(self, *args, new: str, **kw):
+        super().__init__(*args, **kw)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"warning: {option_string} is deprecated and will be removed; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def decode_args(p) -> None:
     """The decoding flags on an argparse parser; decode_options reads them back."""
-    p.add_argument("--beam", type=int, default=None, help="beam size (1 = greedy; default: the model's)")
+    p.add_argument("--beam-size", dest="beam", type=int, default=None,
+                   help="beam size (1 = greedy; default: the model's)")
+    p.add_argument("--beam", type=int, action=Deprecated, new="--beam-size", help=argparse.SUPPRESS)
     p.add_argument("--max-len", type=int, default=None, help="longest caption in words")
     p.add_argument("--length-penalty", choices=["none", "avg", "wu"], default=None)
 

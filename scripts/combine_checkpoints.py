@@ -1,7 +1,7 @@
 """Export training checkpoints as a shippable model: fp16 weights, no optimizer state,
 and the decoding defaults chosen on dev (scripts/tune_decoding.py) written into its config.
 
-    python scripts/export_model.py runs/flickr8k_lite0/best.pt -o captioner/assets/flickr8k_lite0.pt --set \
+    python scripts/combine_checkpoints.py runs/flickr8k_lite0/best.pt -o captioner/assets/flickr8k_lite0.pt --set \
         decode.beam_size=5 decode.length_penalty=wu decode.alpha=0.7
 
 Several checkpoints make one ensemble model (`decoder.Ensemble`): `checkpoint.ensemble`
@@ -10,7 +10,7 @@ they make one decoder with their mean weights instead (`checkpoint.average`; for
 fine-tuned from one start, such as self-critical runs with other seeds); --weights makes it a
 weighted mean, e.g. a point between a cross-entropy model and its self-critical soup:
 
-    python scripts/export_model.py XE.pt SOUP.pt --average --weights 0.5 0.5 -o runs/mid.pt
+    python scripts/combine_checkpoints.py XE.pt SOUP.pt --average --weights 0.5 0.5 -o runs/mid.pt
 """
 from __future__ import annotations
 
