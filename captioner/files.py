@@ -38,12 +38,19 @@ def cache_dir() -> Path:
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path to write; on success it is fsync'd and renamed to `path`, on error removed."""
+    """Yield a temporary path to write; on success it is fsync'd and renamed to `path`, on error removed.
+
+    The new file keeps the mode of the file it replaces (a private 0600 file stays private), else
+    gets the one any written file gets."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        mode = 0o666 & ~UMASK
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600; the result should read like any file written
+    os.chmod(tmp, mode)  # mkstemp makes 0600
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as f:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import fcntl
 import hashlib
 import io
@@ -23,6 +24,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -124,29 +126,68 @@ def shard(files: list[str], index: int, count: int) -> list[str]:
     return [f for f in files if shard_of(f, count) == index]
 
 
+# The lock files this process holds. A POSIX lock never conflicts with its own process, and closing any
+# descriptor of the file in the holder drops it: the process checks here before it opens the file at all.
+_HELD: set[str] = set()
+_HELD_CHANGED = threading.Condition()
+
+
 @contextlib.contextmanager
 def exclusive(out: Path, wait: bool = False):
     """Hold an exclusive lock on `out` for the whole run, through `<out>.lock` beside it.
 
+    A POSIX record lock (fcntl), not flock: it belongs to this process alone, so the DataLoader
+    workers it forks hold no share of it, and the kernel drops it the moment the process dies,
+    also by kill -9 while its workers live on: a crashed run never blocks its own resume.
     The lock file stays after the run: deleting it would let a run that opened it just
     before lock a file that no longer exists, beside a newer run that locks a new one.
     """
-    fd = os.open(out.with_name(out.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    lock = out.with_name(out.name + ".lock")
+    key = os.path.join(os.path.realpath(lock.parent), lock.name)
+    with _HELD_CHANGED:
+        if key in _HELD and not wait:
+            raise OutputLocked(_locked_message(out, f"{os.getpid()} on {socket.gethostname()}"))
+        _HELD_CHANGED.wait_for(lambda: key not in _HELD)
+        _HELD.add(key)
+    try:
+        with _lock_file(lock, out, wait) as fd:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+            yield
+    finally:
+        with _HELD_CHANGED:
+            _HELD.discard(key)
+            _HELD_CHANGED.notify_all()
+
+
+@contextlib.contextmanager
+def _lock_file(lock: Path, out: Path, wait: bool) -> Iterator[int]:
+    try:  # never through a symlink: the lock file is written, and a link could point anywhere
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OutputError(f"{lock} is a symbolic link; caption-dir writes its lock file only as a plain "
+                              "file: remove the link") from None
+        raise
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
             holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "unknown"
             if not wait:
-                raise OutputLocked(f"{out} is being written by another caption-dir run (pid {holder}); "
-                                   "wait for it to end (--wait waits) or choose another --out") from None
+                raise OutputLocked(_locked_message(out, holder)) from None
             print(f"caption-dir: waiting for the run writing {out} (pid {holder}) to end", file=sys.stderr)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-        yield
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+        yield fd
     finally:
-        os.close(fd)  # releases the lock, also when the process dies
+        os.close(fd)  # releases the lock, as the process's death does
+
+
+def _locked_message(out: Path, holder: str) -> str:
+    return (f"{out} is being written by another caption-dir run (pid {holder}); "
+            "wait for it to end (--wait waits) or choose another --out")
 
 
 class OutputFile:
@@ -252,7 +293,8 @@ class OutputFile:
         last = _last_per_image(rows)
         if len(last) == len(rows):
             return 0
-        write_atomic(self.path, self._encode(list(last.values()), header=self.csv))
+        # Through a symlinked output to its target, as the appends went: the link stays a link.
+        write_atomic(os.path.realpath(self.path), self._encode(list(last.values()), header=self.csv))
         return len(rows) - len(last)
 
 

@@ -33,10 +33,20 @@ FORMAT_VERSION = 1
 MANIFEST = "bundle.json"
 GRAPHS = ("encoder", "decoder_init", "decoder_step")
 PENALTIES = ("none", "avg", "wu")
+SECTIONS = ("files", "vocab", "preprocess", "decode", "decoder")  # what Runtime reads from the manifest
 
 
 class BundleError(ValueError):
     """The folder is not a bundle this runtime can run; the message says why."""
+
+
+def bundle_path(folder: str | Path, relative) -> Path:
+    """A path the manifest gives, inside `folder`: an absolute one or one with `..` could read any file."""
+    parts = Path(relative).parts if isinstance(relative, str) and relative else ()
+    if not parts or Path(relative).is_absolute() or ".." in parts:
+        raise BundleError(f"{Path(folder) / MANIFEST} lists the file {relative!r}: "
+                          "a bundle's files are relative paths inside its folder")
+    return Path(folder) / relative
 
 
 def read_manifest(folder: str | Path) -> dict:
@@ -54,9 +64,14 @@ def read_manifest(folder: str | Path) -> dict:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise BundleError(f"bundle format version {manifest.get('format_version')!r} is not supported by this "
                           f"runtime (it reads version {FORMAT_VERSION}); export the model again with this version")
+    missing = [key for key in SECTIONS if not isinstance(manifest.get(key), dict)]
+    if missing:
+        raise BundleError(f"{folder / MANIFEST} is malformed: no {', '.join(missing)} section")
     for name in GRAPHS:
-        entry = manifest["files"][name]
-        path = folder / entry["path"]
+        entry = manifest["files"].get(name)
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+            raise BundleError(f"{folder / MANIFEST} is malformed: files.{name} needs a path and a sha256")
+        path = bundle_path(folder, entry.get("path"))
         if not path.is_file():
             raise BundleError(f"bundle file missing: {path}")
         if file_sha256(path) != entry["sha256"]:
@@ -92,16 +107,19 @@ class Runtime:
     def __init__(self, folder: str | Path, threads: int | None = None):
         folder = Path(folder)
         self.manifest = read_manifest(folder)
-        self.vocab = Vocab.from_dict(self.manifest["vocab"])
-        self.prep, self.defaults = self.manifest["preprocess"], self.manifest["decode"]
-        self.banned = self.defaults["banned"]  # <pad>, <start>, <unk>: never in a caption
+        try:
+            self.vocab = Vocab.from_dict(self.manifest["vocab"])
+            self.prep, self.defaults = self.manifest["preprocess"], self.manifest["decode"]
+            self.banned = self.defaults["banned"]  # <pad>, <start>, <unk>: never in a caption
+            self.state_names = self.manifest["decoder"]["state"]  # ["h", "c"] for an LSTM, ["h"] for a GRU/RNN
+            self._mean = np.asarray(self.prep["mean"], np.float32)[:, None, None]
+            self._std = np.asarray(self.prep["std"], np.float32)[:, None, None]
+        except (KeyError, TypeError, ValueError) as e:
+            raise BundleError(f"{folder / MANIFEST} is malformed: {type(e).__name__}: {e}") from None
         files = self.manifest["files"]
         # The decoder's products are small (k rows): one thread each, no pool to wake.
-        self.encoder = session(folder / files["encoder"]["path"], threads)
-        self.init, self.step = (session(folder / files[g]["path"], 1) for g in GRAPHS[1:])
-        self.state_names = self.manifest["decoder"]["state"]  # ["h", "c"] for an LSTM, ["h"] for a GRU/RNN
-        self._mean = np.asarray(self.prep["mean"], np.float32)[:, None, None]
-        self._std = np.asarray(self.prep["std"], np.float32)[:, None, None]
+        self.encoder = session(bundle_path(folder, files["encoder"]["path"]), threads)
+        self.init, self.step = (session(bundle_path(folder, files[g]["path"]), 1) for g in GRAPHS[1:])
 
     # -- the three stages, as Captioner has them ------------------------------------------
     def preprocess(self, image) -> np.ndarray:

@@ -277,6 +277,77 @@ def test_sigkill_mid_run_then_rerun_completes_without_duplicates(tiny_checkpoint
     assert f"{len(partial)} already in" in rerun.stderr
 
 
+def test_a_run_killed_with_live_workers_never_blocks_its_immediate_resume(tiny_checkpoint, tmp_path):
+    folder = photo_folder(tmp_path / "photos", 64)
+    out = tmp_path / "out.jsonl"
+    cmd = caption_dir_command(folder, out, tiny_checkpoint, workers=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        wait_for_rows(out, proc, 8)
+        os.kill(proc.pid, signal.SIGKILL)  # the parent only: its DataLoader workers live on for seconds
+        proc.wait(timeout=30)
+        rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert rerun.returncode == 0, rerun.stderr
+    names = [r["image"] for r in read_jsonl(out)]
+    assert sorted(names) == [f"img{i:03d}.jpg" for i in range(64)]  # none missing, none twice
+
+
+def test_a_symlinked_lock_file_is_refused_and_its_target_untouched(tmp_path):
+    target = tmp_path / "precious.txt"
+    target.write_text("mine")
+    (tmp_path / "out.jsonl.lock").symlink_to(target)
+    with pytest.raises(OutputError, match="symbolic link"):
+        with exclusive(tmp_path / "out.jsonl"):
+            pass
+    assert target.read_text() == "mine"
+
+
+def test_compaction_writes_through_a_symlinked_output_and_keeps_its_mode(tmp_path):
+    real = tmp_path / "store" / "captions.jsonl"
+    real.parent.mkdir()
+    link = tmp_path / "out.jsonl"
+    link.symlink_to(real)
+    table = OutputFile(link)
+    table.append([{"image": "a.jpg", "error": "empty"}, {"image": "a.jpg", "caption": "a dog", "score": -1.0}])
+    real.chmod(0o600)
+    assert table.compact() == 1
+    assert link.is_symlink() and [r["caption"] for r in read_jsonl(real)] == ["a dog"]
+    assert real.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_full_disk_is_one_line_and_the_rows_written_stay(tiny_checkpoint, tiny_data, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from captioner import folder as folder_module
+
+    out = tmp_path / "out.jsonl"
+    args = ["caption-dir", str(tiny_data / "Flicker8k_Dataset"), "--out", str(out), "--checkpoint",
+            str(tiny_checkpoint), "--device", "cpu", "--workers", "0", "--batch-size", "4"]
+    appended = folder_module._append
+    calls = []
+
+    def fills_up(path, data):
+        calls.append(path)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        appended(path, data)
+
+    monkeypatch.setattr(folder_module, "_append", fills_up)
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("captioner caption-dir: error: No space left on device")
+    assert len(read_jsonl(out)) == 4  # the batch written before the disk filled
+    monkeypatch.setattr(folder_module, "_append", appended)
+    assert cli.main(args) == 0  # space freed: it resumes
+    assert sorted(r["image"] for r in read_jsonl(out)) == list_images(tiny_data / "Flicker8k_Dataset")
+
+
 def test_csv_torn_row_with_a_newline_inside_a_quoted_name_resumes(tmp_path):
     table = OutputFile(tmp_path / "out.csv")
     table.append([{"image": "two\nlines.jpg", "caption": "a dog", "score": -1.5}, {"image": "b.jpg", "error": "empty"}])

@@ -194,6 +194,51 @@ def test_export_does_not_overwrite_a_folder_that_is_not_a_bundle(shipped, tmp_pa
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+def test_export_into_a_bundle_folder_replaces_only_the_bundles_files(shipped, bundle, tmp_path, capsys):
+    out = shutil.copytree(bundle, tmp_path / "bundle")
+    (out / "notes.txt").write_text("mine")
+    (out / "photos").mkdir()
+    (out / "photos" / "dog.jpg").write_bytes(b"jpeg")
+    export_bundle(shipped, out)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "photos" / "dog.jpg").read_bytes() == b"jpeg"
+    assert sorted(p.name for p in out.iterdir()) == sorted(["bundle.json", "decoder_init.onnx", "decoder_step.onnx",
+                                                            "encoder.onnx", "notes.txt", "photos"])
+    Runtime(out)
+    plain = tmp_path / "plain"
+    plain.write_text("a file")
+    assert cli.main(["export", "--out", str(plain)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err and plain.read_text() == "a file"
+
+
+@pytest.mark.parametrize("path", ["/etc/passwd", "../encoder.onnx", "sub/../../x.onnx", "", 7])
+def test_a_manifest_path_outside_the_bundle_is_refused(bundle, tmp_path, path):
+    copy = shutil.copytree(bundle, tmp_path / "bundle")
+    manifest = json.loads((copy / "bundle.json").read_text())
+    manifest["files"]["decoder_step"]["path"] = path
+    (copy / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="relative paths inside its folder"):
+        Runtime(copy)
+
+
+@pytest.mark.parametrize("damage", ["no files", "no graph entry", "entry not a dict", "no vocab", "no state"])
+def test_a_malformed_manifest_is_a_bundle_error(bundle, tmp_path, damage):
+    copy = shutil.copytree(bundle, tmp_path / "bundle")
+    m = json.loads((copy / "bundle.json").read_text())
+    if damage == "no files":
+        del m["files"]
+    elif damage == "no graph entry":
+        del m["files"]["encoder"]
+    elif damage == "entry not a dict":
+        m["files"]["encoder"] = "encoder.onnx"
+    elif damage == "no vocab":
+        del m["vocab"]
+    else:
+        del m["decoder"]["state"]
+    (copy / "bundle.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="malformed"):
+        Runtime(copy)
+
+
 def test_the_manifest_describes_the_model(bundle, shipped):
     m = json.loads((bundle / "bundle.json").read_text())
     assert m["vocab"]["itos"] == shipped.vocab.itos
