@@ -91,48 +91,55 @@ def sample(decoder, feats, *, start, end, max_len=20, temperature=1.0, top_k=0, 
 class _Guide:
     """A batch's constraint machines as tensors (constraints.py): per image S states of k beams.
 
-    words (n, L): each image's constraint words (padded with <pad>, which is banned); to (n, S, L):
-    the state each word leads to from each state; blocked (n, S, V): -inf where a word would leave
-    the state (such candidates are scored by the state they lead to); accepting (n, S)."""
+    words (n, L): each image's constraint words (padded with <pad>, which is banned); leads
+    (n, S_to, S_from, L): which word moves which state to which; blocked (n, S, V): -inf where a
+    word would leave the state (such candidates are scored by the state they lead to);
+    accepting (n, S). With no constraint in the batch (S = 1) there is nothing to block or move,
+    and the search is plain beam search at its own cost."""
 
     def __init__(self, machines: list[Machine], vocab_size: int, dev):
         n, S = len(machines), max(m.states for m in machines)
         vocab = [sorted({w for _, w in m.moves}) for m in machines]
         L = max(1, *map(len, vocab))  # at least one (padding) word keeps the shapes simple
         self.S, self.words = S, torch.zeros(n, L, dtype=torch.long)
-        self.to = torch.arange(S).view(1, S, 1).repeat(n, 1, L)
+        to = torch.arange(S).view(1, S, 1).repeat(n, 1, L)  # the state each word leads to from each state
         self.accepting = torch.zeros(n, S, dtype=torch.bool)
         for b, (m, ws) in enumerate(zip(machines, vocab)):
             self.words[b, :len(ws)] = torch.tensor(ws, dtype=torch.long)
             for (state, w), target in m.moves.items():
-                self.to[b, state, ws.index(w)] = target
+                to[b, state, ws.index(w)] = target
             if m.accepting is not None:
                 self.accepting[b, m.accepting] = True
-        leaves = torch.where(self.to != torch.arange(S).view(1, S, 1), float("-inf"), 0.0)
-        self.blocked = torch.zeros(n, S, vocab_size).scatter_(2, self.words[:, None, :].expand(-1, S, -1), leaves)
-        self.words, self.to, self.accepting, self.blocked = (
-            x.to(dev) for x in (self.words, self.to, self.accepting, self.blocked))
-        self.reachable = torch.tensor([[s < m.states for s in range(S)] for m in machines], device=dev)
+        states = torch.arange(S)
+        moves = to != states.view(1, S, 1)
+        self.leads = (to[:, None] == states.view(1, S, 1, 1)) & moves[:, None]
+        self.blocked = torch.zeros(n, S, vocab_size).scatter_(
+            2, self.words[:, None, :].expand(-1, S, -1), torch.where(moves, float("-inf"), 0.0))
+        self.reachable = states[None] < torch.tensor([m.states for m in machines])[:, None]
+        for name in ("words", "leads", "accepting", "blocked", "reachable"):
+            setattr(self, name, getattr(self, name).to(dev))
 
     def keep(self, keep: torch.Tensor) -> None:
-        for name in ("words", "to", "accepting", "blocked", "reachable"):
+        for name in ("words", "leads", "accepting", "blocked", "reachable"):
             setattr(self, name, getattr(self, name)[keep])
 
     def candidates(self, cand: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """cand (n, S, k, V) prefix + word scores -> per state it leads to, the best 2k:
         (scores, source rows in the n*S*k live rows, words), each (n*S, 2k)."""
         n, S, _, V = cand.shape
-        stay = (cand + self.blocked[:, :, None, :]).view(n, S, k * V)
         L = self.words.shape[1]
-        moved = cand.gather(3, self.words[:, None, None, :].expand(-1, S, k, -1))  # (n, S_from, k, L)
-        src_state = torch.arange(S, device=cand.device)
-        leads = (self.to[:, None] == src_state.view(1, S, 1, 1)) & (self.to != src_state.view(1, S, 1))[:, None]
-        into = torch.where(leads[:, :, :, None, :], moved[:, None], float("-inf")).view(n, S, S * k * L)
-        top, idx = torch.cat([stay, into], 2).topk(min(2 * k, k * V), dim=2)
-        m = (idx - k * V).clamp(min=0)
-        from_state = torch.where(idx < k * V, src_state.view(1, S, 1), m // (k * L))
-        beam = torch.where(idx < k * V, idx // V, (m // L) % k)
-        word = torch.where(idx < k * V, idx % V, self.words.gather(1, (m % L).view(n, -1)).view(n, S, -1))
+        pool = cand.view(n, S, k * V)
+        if S > 1:  # a candidate counts in the state its word leads to: blocked where it stays, moved in there
+            moved = cand.gather(3, self.words[:, None, None, :].expand(-1, S, k, -1))  # (n, S_from, k, L)
+            into = torch.where(self.leads[:, :, :, None, :], moved[:, None], float("-inf")).view(n, S, S * k * L)
+            pool = torch.cat([(cand + self.blocked[:, :, None, :]).view(n, S, k * V), into], 2)
+        top, idx = pool.topk(min(2 * k, k * V), dim=2)
+        from_state, beam, word = torch.arange(S, device=cand.device).view(1, S, 1), idx // V, idx % V
+        if S > 1:
+            came, m = idx >= k * V, (idx - k * V).clamp(min=0)
+            from_state = torch.where(came, m // (k * L), from_state)
+            beam = torch.where(came, (m // L) % k, beam)
+            word = torch.where(came, self.words.gather(1, (m % L).view(n, -1)).view(n, S, -1), word)
         rows = (torch.arange(n, device=cand.device).view(n, 1, 1) * S + from_state) * k + beam
         return top.view(n * S, -1), rows.view(n * S, -1), word.view(n * S, -1)
 
