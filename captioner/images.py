@@ -67,9 +67,10 @@ def decode_cost(width: int, height: int, mode: str = "RGB") -> int:
     return (width * height * _PEAK_BYTES.get(mode, 6) + 2) // 3 + resized_pixels(width, height)
 
 
-def check_size(width: int, height: int, max_pixels: int = MAX_PIXELS) -> None:
-    """Raise ImageTooLarge if decoding or resizing an image of this size needs more than max_pixels."""
-    if width * height > max_pixels:
+def check_size(width: int, height: int, max_pixels: int = MAX_PIXELS, *, decoded: bool = False) -> None:
+    """Raise ImageTooLarge if decoding or resizing an image of this size needs more than max_pixels
+    (decoded: its pixels are already in memory, so only the resizing is checked)."""
+    if not decoded and width * height > max_pixels:
         raise ImageTooLarge(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
     resized_limit = max(max_pixels, MIN_RESIZED_LIMIT)
     if resized_pixels(width, height) > resized_limit:
@@ -134,8 +135,7 @@ def open_image(src, max_pixels: int = MAX_PIXELS) -> Image.Image:
     service) read decode_cost from the returned image's size and mode first.
     """
     if isinstance(src, Image.Image):
-        if resized_pixels(*src.size) > max(max_pixels, MIN_RESIZED_LIMIT):
-            check_size(*src.size, max_pixels=max_pixels)
+        check_size(*src.size, max_pixels=max_pixels, decoded=True)
         return src
     if isinstance(src, (bytes, bytearray, memoryview)):
         if len(src) == 0:
