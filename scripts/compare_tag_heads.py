@@ -21,7 +21,6 @@ import torch
 from captioner.data import load_coco, load_flickr8k
 from captioner.encoders import build_encoder
 from captioner.inference import Captioner, imagenet_tagger
-from captioner.tags import read_mapping
 from captioner.vocab import tokenize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,10 +42,10 @@ def photos(name: str, root: Path, limit: int) -> tuple[list[Path], list[list[str
     return [e.path for e in examples], [e.captions for e in examples]
 
 
-def named_rate(nouns: np.ndarray, vocabulary: list[str], refs: list[list[str]]) -> float:
+def named_rate(nouns: np.ndarray, tagger, refs: list[list[str]]) -> float:
     """How often a photo's top noun has one of its words in at least one reference."""
-    words = {noun: set(ws) for noun, ws in read_mapping() if noun}
-    hits = [bool(words[vocabulary[n]] & {w for r in rs for w in tokenize(r)}) for n, rs in zip(nouns, refs)]
+    hits = [bool(set(tagger.words[tagger.vocabulary[n]]) & {w for r in rs for w in tokenize(r)})
+            for n, rs in zip(nouns, refs)]
     return round(float(np.mean(hits)), 3)
 
 
@@ -91,8 +90,8 @@ def main() -> None:
                      "mean top-1 prob, shipped features": round(float(top_prob(ours)), 3),
                      "mean top-1 prob, pretrained net": round(float(top_prob(theirs)), 3)})
         if refs is not None:
-            rows[-1]["top noun named, shipped features"] = named_rate(top_noun(ours), tagger.vocabulary, refs)
-            rows[-1]["top noun named, pretrained net"] = named_rate(top_noun(theirs), tagger.vocabulary, refs)
+            rows[-1]["top noun named, shipped features"] = named_rate(top_noun(ours), tagger, refs)
+            rows[-1]["top noun named, pretrained net"] = named_rate(top_noun(theirs), tagger, refs)
         print(json.dumps(rows[-1]))
 
 
