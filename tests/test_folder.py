@@ -252,20 +252,29 @@ def wait_for_rows(out: Path, proc: subprocess.Popen, rows: int) -> None:
         time.sleep(0.02)
 
 
+@contextlib.contextmanager
+def parent_killed_mid_run(cmd: list[str], out: Path, env: dict, rows: int = 8):
+    """Runs caption-dir and kill -9s the parent only once `rows` rows are written (its DataLoader
+    workers live on for seconds); the whole process group is killed on leaving."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        wait_for_rows(out, proc, rows)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def test_sigkill_mid_run_then_rerun_completes_without_duplicates(tiny_checkpoint, tmp_path):
     folder = photo_folder(tmp_path / "photos", 64)
     out = tmp_path / "out.jsonl"
     cmd = caption_dir_command(folder, out, tiny_checkpoint, workers=1)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        wait_for_rows(out, proc, 8)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # its DataLoader worker too
+    with parent_killed_mid_run(cmd, out, env):
+        pass
     partial = read_jsonl(out)  # every line whole: parses
     assert 8 <= len(partial) < 64
     with open(out, "ab") as f:  # and as if power failed mid-write as well: a torn last line
@@ -282,16 +291,8 @@ def test_a_run_killed_with_live_workers_never_blocks_its_immediate_resume(tiny_c
     out = tmp_path / "out.jsonl"
     cmd = caption_dir_command(folder, out, tiny_checkpoint, workers=2)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        wait_for_rows(out, proc, 8)
-        os.kill(proc.pid, signal.SIGKILL)  # the parent only: its DataLoader workers live on for seconds
-        proc.wait(timeout=30)
+    with parent_killed_mid_run(cmd, out, env):  # resumed while its workers still live
         rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
     assert rerun.returncode == 0, rerun.stderr
     names = [r["image"] for r in read_jsonl(out)]
     assert sorted(names) == [f"img{i:03d}.jpg" for i in range(64)]  # none missing, none twice
