@@ -161,12 +161,8 @@ class Captioner:
         encoder's ImageNet classes as everyday nouns, probabilities of one noun's classes summed."""
         if self.tagger is None:
             raise ValueError(f"encoder {self.encoder.name!r} has no ImageNet classifier to tag with")
-        single = not isinstance(images, (list, tuple))
-        images = [images] if single else list(images)
-        out = []
-        for i in range(0, len(images), batch_size):
-            out += self.tag_features(self.encode(torch.stack([self.preprocess(im) for im in images[i:i + batch_size]])))
-        return out[0] if single else out
+        tags, single = self._per_image(images, batch_size, self.tag_features)
+        return tags[0] if single else tags
 
     def caption(self, images, *, batch_size: int = 32, generator: torch.Generator | None = None, **options):
         """Caption one image or a list of them (paths, bytes or PIL images).
@@ -175,15 +171,19 @@ class Captioner:
         first; a single input gives a single result. Options: see `options()`.
         """
         o = self.options(**options)
-        single = not isinstance(images, (list, tuple))
-        images = [images] if single else list(images)
-        results = []
-        for i in range(0, len(images), batch_size):
-            pixels = torch.stack([self.preprocess(im) for im in images[i:i + batch_size]])
-            results += self.describe(self.encode(pixels), o, generator)
+        results, single = self._per_image(images, batch_size, lambda feats: self.describe(feats, o, generator))
         if o.n_best == 1:
             results = [r[0] for r in results]
         return results[0] if single else results
+
+    def _per_image(self, images, batch_size: int, per_batch) -> tuple[list, bool]:
+        """per_batch(features) over one image or a list, batch by batch: (its results per image, single)."""
+        single = not isinstance(images, (list, tuple))
+        images = [images] if single else list(images)
+        out = []
+        for i in range(0, len(images), batch_size):
+            out += per_batch(self.encode(torch.stack([self.preprocess(im) for im in images[i:i + batch_size]])))
+        return out, single
 
 
 def imagenet_tagger(encoder: Encoder) -> Tagger | None:
