@@ -2,8 +2,10 @@
 
 The bundle is a folder: encoder.onnx (pixels -> v), decoder_init.onnx (v -> the step
 context and the initial recurrent state, once per image), decoder_step.onnx (one token
-for N rows -> log-probabilities and the next state) and bundle.json (vocabulary,
-preprocessing, decoding defaults, model config, SHA-256 of each file, format version).
+for N rows -> log-probabilities and the next state), for an encoder with an ImageNet
+classifier tagger.npz (its weight and bias) and imagenet_nouns.tsv (its noun mapping), and
+bundle.json (vocabulary, preprocessing, decoding defaults, model config, SHA-256 of each
+file, format version).
 The decoding loop itself (greedy, beam search) lives in captioner.runtime; docs/deploy.md
 describes every graph's inputs and outputs for writing that loop in another language.
 
@@ -20,6 +22,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torchvision import transforms as T
@@ -29,10 +32,12 @@ from .decoder import AttentionDecoder, Decoder, Ensemble
 from .encoders import DRAFT_SIZE
 from .files import UMASK, file_sha256, fsync_dir
 from .inference import Captioner
-from .runtime import FORMAT, FORMAT_VERSION, MANIFEST
+from .runtime import FORMAT, FORMAT_VERSION, MANIFEST, OPTIONS
+from .tags import MAPPING
 
 PARTIAL = ".export-partial-"  # the work folder's prefix inside the bundle folder
 FILES = {"encoder": "encoder.onnx", "decoder_init": "decoder_init.onnx", "decoder_step": "decoder_step.onnx"}
+TAGGER_FILES = {"tagger": "tagger.npz", "tag_mapping": "imagenet_nouns.tsv"}
 
 
 class ExportError(ValueError):
@@ -149,28 +154,32 @@ def export_bundle(cap: Captioner, out: str | Path, *, source: str = "", int8_dec
         state, context_size = _export_decoder(decoder, encoder.width, work)
         if int8_decoder:
             quantize_step(work / FILES["decoder_step"])
+        files = dict(FILES)
+        if cap.tagger is not None:
+            np.savez(work / TAGGER_FILES["tagger"], weight=cap.tagger.weight, bias=cap.tagger.bias)
+            shutil.copyfile(MAPPING, work / TAGGER_FILES["tag_mapping"])
+            files |= TAGGER_FILES
         config = cap.config
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "made_by": {"captioner": __version__, "torch": torch.__version__, "opset": engine.OPSET,
                         "source": source},
-            "files": {name: {"path": path, "sha256": file_sha256(work / path)} for name, path in FILES.items()},
+            "files": {name: {"path": path, "sha256": file_sha256(work / path)} for name, path in files.items()},
             "vocab": cap.vocab.to_dict(),
             "preprocess": prep,
-            "decode": {"beam_size": config.decode.beam_size, "max_len": config.decode.max_len,
-                       "length_penalty": config.decode.length_penalty, "alpha": config.decode.alpha,
-                       "banned": list(cap.vocab.banned),
+            "decode": {**{name: getattr(config.decode, name) for name in OPTIONS}, "banned": list(cap.vocab.banned),
                        "start": cap.vocab.start, "end": cap.vocab.end},
             "decoder": {"state": state, "state_shape": [decoder.num_layers, "rows", decoder.rnn.hidden_size],
                         "int8_step": int8_decoder,
                         "context_size": context_size,
                         "feature_size": encoder.width, "vocab_size": decoder.vocab_size},
             "model": dataclasses.asdict(config.model),
+            **({"tags": {"regions": cap.tagger.regions}} if cap.tagger is not None else {}),
         }
         (work / MANIFEST).write_text(json.dumps(manifest, indent=1))
         # The graphs first, the manifest last: a reader in between finds graphs that do not match
         # their SHA-256 in the old manifest and refuses them (BundleError), never a mixed model.
-        for name in [*FILES.values(), MANIFEST]:
+        for name in [*files.values(), MANIFEST]:
             with open(work / name, "rb+") as f:
                 os.fsync(f.fileno())
             (work / name).chmod(0o666 & ~UMASK)  # the temporary files were private (0600): a bundle is for sharing

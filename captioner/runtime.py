@@ -2,14 +2,16 @@
 
 A bundle folder holds three ONNX graphs and bundle.json (docs/deploy.md lists every input
 and output). This module imports only numpy, onnxruntime, Pillow, the standard library and
-captioner's own torch-free modules (images, vocab, ort, output), so it runs where torch is not
-installed. It gives what `Captioner.caption` gives, computed the same way: the same
-preprocessing (torchvision's Resize on a PIL image is PIL's bilinear resize with the same
-output size), greedy decoding and the same beam search (finished captions kept apart from
-the k live prefixes; length penalty none, avg or wu; <pad>, <start> and <unk> banned).
+captioner's own torch-free modules (images, vocab, config, tags, constraints, ort, output), so it
+runs where torch is not installed. It gives what `Captioner.caption` gives, computed the same way:
+the same preprocessing (torchvision's Resize on a PIL image is PIL's bilinear resize with the same
+output size), greedy decoding and the same beam search (finished captions kept apart from the k
+live prefixes; length penalty none, avg or wu; <pad>, <start> and <unk> banned), guided by the
+same tags when the bundle carries the encoder's ImageNet classifier (search.beam_search's
+constraint states, here for one image at a time).
 
     rt = Runtime("bundle/")
-    rt.caption("dog.jpg")                      # {'caption': 'a brown dog runs ...', 'score': -0.9}
+    rt.caption("dog.jpg")          # {'caption': 'a brown dog runs ...', 'score': -0.9, 'tags': [...]}
 
     python -m captioner.runtime bundle/ dog.jpg cat.png
 """
@@ -23,17 +25,23 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .config import DecodeConfig
+from .constraints import FREE, Machine, machine
 from .files import file_sha256
 from .images import load_image
 from .ort import session
+from .tags import Tagger
 from .vocab import Vocab
 
 FORMAT = "captioner-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "bundle.json"
 GRAPHS = ("encoder", "decoder_init", "decoder_step")
+TAGGER = ("tagger", "tag_mapping")  # the classifier (tagger.npz) and its noun mapping, when the encoder has one
 PENALTIES = ("none", "avg", "wu")
 SECTIONS = ("files", "vocab", "preprocess", "decode", "decoder")  # what Runtime reads from the manifest
+# The decoding options a bundle's manifest sets and a call may override (as Captioner.options).
+OPTIONS = ("beam_size", "max_len", "length_penalty", "alpha", "guide", "guide_threshold", "guide_max", "guide_margin")
 
 
 class BundleError(ValueError):
@@ -67,7 +75,7 @@ def read_manifest(folder: str | Path) -> dict:
     missing = [key for key in SECTIONS if not isinstance(manifest.get(key), dict)]
     if missing:
         raise BundleError(f"{folder / MANIFEST} is malformed: no {', '.join(missing)} section")
-    for name in GRAPHS:
+    for name in GRAPHS + (TAGGER if any(t in manifest["files"] for t in TAGGER) else ()):
         entry = manifest["files"].get(name)
         if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
             raise BundleError(f"{folder / MANIFEST} is malformed: files.{name} needs a path and a sha256")
@@ -107,16 +115,18 @@ class Runtime:
     def __init__(self, folder: str | Path, threads: int | None = None):
         folder = Path(folder)
         self.manifest = read_manifest(folder)
+        files = self.manifest["files"]
         try:
             self.vocab = Vocab.from_dict(self.manifest["vocab"])
-            self.prep, self.defaults = self.manifest["preprocess"], self.manifest["decode"]
-            self.banned = self.defaults["banned"]  # <pad>, <start>, <unk>: never in a caption
+            self.prep, d = self.manifest["preprocess"], self.manifest["decode"]
+            self.config = DecodeConfig(**{k: d[k] for k in OPTIONS})
+            self.banned = d["banned"]  # <pad>, <start>, <unk>: never in a caption
             self.state_names = self.manifest["decoder"]["state"]  # ["h", "c"] for an LSTM, ["h"] for a GRU/RNN
             self._mean = np.asarray(self.prep["mean"], np.float32)[:, None, None]
             self._std = np.asarray(self.prep["std"], np.float32)[:, None, None]
-        except (KeyError, TypeError, ValueError) as e:
+            self.tagger = _tagger(folder, self.manifest) if "tagger" in files else None
+        except (KeyError, TypeError, ValueError, OSError) as e:
             raise BundleError(f"{folder / MANIFEST} is malformed: {type(e).__name__}: {e}") from None
-        files = self.manifest["files"]
         # The decoder's products are small (k rows): one thread each, no pool to wake.
         self.encoder = session(bundle_path(folder, files["encoder"]["path"]), threads)
         self.init, self.step = (session(bundle_path(folder, files[g]["path"]), 1) for g in GRAPHS[1:])
@@ -141,55 +151,73 @@ class Runtime:
         """Pixels (B, 3, H, W) -> features (B, width)."""
         return self.encoder.run(None, {"pixels": np.ascontiguousarray(pixels, np.float32)})[0]
 
-    def decode(self, feats: np.ndarray, *, beam_size: int | None = None, max_len: int | None = None,
-               n_best: int = 1, length_penalty: str | None = None, alpha: float | None = None,
-               method: str = "beam") -> list[list[tuple[list[int], float]]]:
-        """Features (B, width) -> per image, its n_best (tokens, score), best first. Defaults: the bundle's."""
-        d = self.defaults
-        max_len = max_len or d["max_len"]
-        if method == "beam":
-            beam_size = beam_size or d["beam_size"]
-            length_penalty = length_penalty or d["length_penalty"]
-            alpha = d["alpha"] if alpha is None else alpha
-            if not 1 <= n_best <= beam_size:
-                raise ValueError(f"n_best must be between 1 and beam_size ({beam_size}), got {n_best}")
-            penalty(1, length_penalty, alpha)  # reject an unknown penalty before any work
-        elif method == "greedy":
-            if n_best != 1:
-                raise ValueError(f"n_best > 1 needs method='beam' (got method={method!r})")
-        else:
+    def options(self, method: str = "beam", n_best: int = 1, **overrides) -> DecodeConfig:
+        """The bundle's decoding settings with per-call overrides (None keeps a setting), checked now."""
+        unknown = set(overrides) - set(OPTIONS)
+        if unknown:
+            raise TypeError(f"unknown decoding option(s) {sorted(unknown)}; the runtime knows {sorted(OPTIONS)}")
+        if method not in ("beam", "greedy"):
             raise ValueError(f"unknown decoding method {method!r}; the runtime decodes with beam or greedy")
+        return self.config.replace(method=method, n_best=n_best, **overrides)
+
+    def decode(self, feats: np.ndarray, options: DecodeConfig | None = None) -> list[list[tuple[list[int], float]]]:
+        """Features (B, width) -> per image, its n_best (tokens, score), best first (options: from `options()`)."""
+        o = options or self.options()
         outputs = self.init.run(None, {"features": np.ascontiguousarray(feats, np.float32)})
         ctx, states = outputs[0], outputs[1:]  # states batch on dim 1
+        machines = [machine(c) for c in self._constraints(feats, o)]
         results = []
         for i in range(len(ctx)):
             c, s = ctx[i:i + 1], [x[:, i:i + 1] for x in states]
-            if method == "greedy":
-                results.append([self._greedy(c, s, max_len)])
+            if o.method == "greedy":
+                results.append([self._greedy(c, s, o.max_len)])
             else:
-                results.append(self._beam(c, s, beam_size, max_len, length_penalty, alpha, n_best))
+                results.append(self._beam(c, s, o, machines[i]))
         return results
 
-    def format(self, hyps: list[tuple[list[int], float]]) -> list[dict]:
-        """One image's hypotheses -> [{"caption", "score"}, ...], best first (as Captioner.format)."""
-        return [{"caption": self.vocab.decode(tokens), "score": round(score, 4)} for tokens, score in hyps]
+    def _constraints(self, feats: np.ndarray, o: DecodeConfig) -> list[list[tuple[int, ...]]]:
+        """Per image, its guidance constraints from the tags, as Captioner._guidance (none when guide is off)."""
+        if o.method != "beam" or o.guide == "off" or self.tagger is None or o.guide_max == 0:
+            return [[] for _ in feats]
+        return self.tagger.constraints(feats, self.vocab.stoi, threshold=o.guide_threshold, most=o.guide_max)
 
-    def caption(self, images, *, n_best: int = 1, batch_size: int = 32, **decode_options):
+    def tag_features(self, feats: np.ndarray) -> list[list[dict]] | list[None]:
+        """Features -> per image [{"tag", "prob"}, ...]; None each for a bundle without a classifier."""
+        return [None] * len(feats) if self.tagger is None else self.tagger(feats)
+
+    def format(self, hyps: list[tuple[list[int], float]], tags: list[dict] | None = None) -> list[dict]:
+        """One image's hypotheses -> [{"caption", "score", "tags"}, ...], best first (as Captioner.format)."""
+        extra = {} if tags is None else {"tags": tags}
+        return [{"caption": self.vocab.decode(tokens), "score": round(score, 4), **extra} for tokens, score in hyps]
+
+    def tags(self, images, *, batch_size: int = 32) -> list[list[dict]] | list[dict]:
+        """Per image [{"tag": noun, "prob": p}, ...], likeliest first, as Captioner.tags."""
+        if self.tagger is None:
+            raise ValueError("this bundle has no ImageNet classifier to tag with")
+        tags, single = self._per_image(images, batch_size, self.tag_features)
+        return tags[0] if single else tags
+
+    def caption(self, images, *, n_best: int = 1, batch_size: int = 32, method: str = "beam", **options):
         """Caption one image or a list of them (paths, bytes or PIL images), as Captioner.caption does.
 
-        Returns {"caption", "score"} per image, or a list of n_best of those when n_best > 1;
-        a single input gives a single result. Options: beam_size, max_len, length_penalty,
-        alpha, method (beam | greedy).
+        Returns {"caption", "score", "tags"} per image, or a list of n_best of those when n_best > 1;
+        a single input gives a single result. Options: method (beam | greedy) and OPTIONS.
         """
-        single = not isinstance(images, (list, tuple))
-        images = [images] if single else list(images)
-        results = []
-        for i in range(0, len(images), batch_size):
-            pixels = np.stack([self.preprocess(im) for im in images[i:i + batch_size]])
-            results += [self.format(h) for h in self.decode(self.encode(pixels), n_best=n_best, **decode_options)]
+        o = self.options(method, n_best, **options)
+        results, single = self._per_image(
+            images, batch_size, lambda f: [self.format(h, t) for h, t in zip(self.decode(f, o), self.tag_features(f))])
         if n_best == 1:
             results = [r[0] for r in results]
         return results[0] if single else results
+
+    def _per_image(self, images, batch_size: int, per_batch) -> tuple[list, bool]:
+        """per_batch(features) over one image or a list, batch by batch: (its results per image, single)."""
+        single = not isinstance(images, (list, tuple))
+        images = [images] if single else list(images)
+        out = []
+        for i in range(0, len(images), batch_size):
+            out += per_batch(self.encode(np.stack([self.preprocess(im) for im in images[i:i + batch_size]])))
+        return out, single
 
     # -- decoding one image -------------------------------------------------------------
     def _step(self, ctx: np.ndarray, tokens: np.ndarray, state: list[np.ndarray]):
@@ -209,44 +237,106 @@ class Runtime:
                 break
         return _strip(seq, end), float(score)
 
-    def _beam(self, ctx, state, k: int, max_len: int, kind: str, alpha: float, n_best: int):
-        """search.beam_search for one image: k live prefixes, and apart from them the k best finished captions."""
-        end = self.vocab.end
-        ctx, state = np.repeat(ctx, k, axis=0), [np.repeat(x, k, axis=1) for x in state]
-        tokens = np.full(k, self.vocab.start)
-        scores = np.full(k, -np.inf, np.float32)
-        scores[0] = 0  # all beams start identical: keep one, or the top-k would be k copies
-        seqs = [[] for _ in range(k)]
-        pool, pool_seqs = np.full(k, -np.inf, np.float32), [[] for _ in range(k)]  # finished, best first
-        for t in range(max_len):
+    def _beam(self, ctx, state, o: DecodeConfig, m: Machine):
+        """search.beam_search for one image: per state of its constraint machine, k live prefixes and,
+        apart from them, the k best finished captions; read from the accepting state within the margin."""
+        end, k, S, kind = self.vocab.end, o.beam_size, m.states, o.length_penalty
+        guide = _Guide(m, len(self.vocab))
+        ctx, state = np.repeat(ctx, S * k, axis=0), [np.repeat(x, S * k, axis=1) for x in state]
+        tokens = np.full(S * k, self.vocab.start)
+        scores = np.full((S, k), -np.inf, np.float32)
+        scores[:2, 0] = 0  # FREE and the first partial state start; all beams alike: keep one, or top-k is k copies
+        seqs = [[] for _ in range(S * k)]
+        pool, pool_seqs = np.full((S, k), -np.inf, np.float32), [[[] for _ in range(k)] for _ in range(S)]
+        for t in range(o.max_len):
             logp, state = self._step(ctx, tokens, state)
-            V = logp.shape[1]
-            cand = (scores[:, None] + logp).reshape(-1)
+            top, rows, tok = guide.candidates(scores[:, :, None] + logp.reshape(S, k, -1), k)
+            is_end = tok == end
+            pen = penalty(t + 1, kind, o.alpha)
             # Every candidate has t+1 tokens, so raw log-probs rank them; each beam has one <end>
             # candidate, so the best 2k hold the best k that are not <end>.
-            idx = _top(cand, 2 * k)
-            top, beam, tok = cand[idx], idx // V, idx % V
-            is_end = tok == end
-            pen = penalty(t + 1, kind, alpha)
-            ends = np.where(is_end[:k], top[:k], -np.inf).astype(np.float32) / pen
-            merged = np.concatenate([pool, ends])
-            merged_seqs = pool_seqs + [seqs[b] + [end] for b in beam[:k]]
-            order = np.argsort(-merged, kind="stable")[:k]  # ties: the earlier caption stays
-            pool, pool_seqs = merged[order], [merged_seqs[j] for j in order]
-            live = np.argsort(is_end, kind="stable")[:k]
-            scores = np.where(is_end, -np.inf, top).astype(np.float32)[live]
-            beam, tok = beam[live], tok[live]
-            seqs = [seqs[b] + [int(w)] for b, w in zip(beam, tok)]
-            state = [x[:, beam] for x in state]
-            tokens = tok
-            if pool[-1] >= scores[0] / pen:
+            ends = np.where(is_end[:, :k], top[:, :k], -np.inf).astype(np.float32) / pen
+            merged = np.concatenate([pool, ends], 1)
+            order = np.argsort(-merged, axis=1, kind="stable")[:, :k]  # ties: the earlier caption stays
+            pool = np.take_along_axis(merged, order, 1)
+            merged_seqs = [pool_seqs[g] + [seqs[r] + [end] for r in rows[g, :k]] for g in range(S)]
+            pool_seqs = [[merged_seqs[g][j] for j in order[g]] for g in range(S)]
+            live = np.argsort(is_end, axis=1, kind="stable")[:, :k]
+            scores = np.take_along_axis(np.where(is_end, -np.inf, top).astype(np.float32), live, 1)
+            rows, tokens = np.take_along_axis(rows, live, 1).ravel(), np.take_along_axis(tok, live, 1).ravel()
+            seqs = [seqs[r] + [int(w)] for r, w in zip(rows, tokens)]
+            state = [x[:, rows] for x in state]
+            free, done = guide.finished(pool, scores, pen)
+            if free:
+                scores[FREE] = -np.inf  # final, as plain search stops
+            if done:
                 final, final_seqs = pool, pool_seqs
                 break
         else:  # max_len reached: the unfinished prefixes are captions too
-            final = np.concatenate([pool, scores / penalty(max_len, kind, alpha)])
-            final_seqs = pool_seqs + seqs
-        order = np.argsort(-final, kind="stable")[:n_best]
-        return [(_strip(final_seqs[j], end), float(final[j])) for j in order if final[j] != -np.inf]
+            final = np.concatenate([pool, scores / penalty(o.max_len, kind, o.alpha)], 1)
+            final_seqs = [pool_seqs[g] + seqs[g * k:(g + 1) * k] for g in range(S)]
+        g = guide.pick(final, o.guide_margin)
+        order = np.argsort(-final[g], kind="stable")[:o.n_best]
+        return [(_strip(final_seqs[g][j], end), float(final[g, j])) for j in order if final[g, j] != -np.inf]
+
+
+class _Guide:
+    """One image's constraint machine as arrays, as search._Guide has a batch's: S states of k beams.
+
+    A candidate counts in the state its word leads to: blocked (-inf) where it stays, moved in there."""
+
+    def __init__(self, m: Machine, vocab_size: int):
+        S, self.accepting = m.states, m.accepting
+        self.words = np.array(sorted({w for _, w in m.moves}) or [0])
+        to = np.repeat(np.arange(S)[:, None], len(self.words), 1)  # the state each word leads to from each state
+        for (state, w), target in m.moves.items():
+            to[state, np.searchsorted(self.words, w)] = target
+        moves = to != np.arange(S)[:, None]
+        self.leads = (to[None] == np.arange(S)[:, None, None]) & moves[None]  # (S_to, S_from, L)
+        self.blocked = np.zeros((S, vocab_size), np.float32)
+        for state in range(S):
+            self.blocked[state, self.words[moves[state]]] = -np.inf
+
+    def candidates(self, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """cand (S, k, V) prefix + word scores -> per state, its best 2k (scores, source rows, words)."""
+        S, _, V = cand.shape
+        L = len(self.words)
+        pool = cand.reshape(S, k * V)
+        if S > 1:
+            into = np.where(self.leads[:, :, None, :], cand[None, :, :, self.words], -np.inf).reshape(S, S * k * L)
+            pool = np.concatenate([(cand + self.blocked[:, None, :]).reshape(S, k * V), into], 1)
+        idx = np.stack([_top(row, 2 * k) for row in pool])
+        from_state, beam, word = np.arange(S)[:, None], idx // V, idx % V
+        if S > 1:
+            came, moved = idx >= k * V, np.maximum(idx - k * V, 0)
+            from_state = np.where(came, moved // (k * L), from_state)
+            beam = np.where(came, (moved // L) % k, beam)
+            word = np.where(came, self.words[moved % L], word)
+        return np.take_along_axis(pool, idx, 1), from_state * k + beam, word
+
+    def finished(self, pool: np.ndarray, scores: np.ndarray, pen) -> tuple[bool, bool]:
+        """Whether the free state can no longer improve, and whether the accepting state cannot either (done)."""
+        best = scores[:, 0] / pen
+        free = bool(pool[FREE, -1] >= best[FREE])
+        if self.accepting is None:
+            return free, free
+        return free, free and bool(pool[self.accepting, -1] >= best[1:].max())
+
+    def pick(self, final: np.ndarray, margin: float) -> int:
+        """The state the captions are read from: accepting, unless its best is more than `margin`
+        below the unguided best (or it has none); else FREE."""
+        best = final.max(1)
+        a = self.accepting
+        use = a is not None and best[a] > -np.inf and best[a] >= best[FREE] - np.float32(margin)
+        return a if use else FREE
+
+
+def _tagger(folder: Path, manifest: dict) -> Tagger:
+    files = manifest["files"]
+    with np.load(bundle_path(folder, files["tagger"]["path"]), allow_pickle=False) as arrays:
+        weight, bias = arrays["weight"], arrays["bias"]
+    return Tagger.from_mapping(weight, bias, manifest["tags"]["regions"],
+                               bundle_path(folder, files["tag_mapping"]["path"]))
 
 
 def main(argv=None) -> int:

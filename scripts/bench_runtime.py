@@ -89,7 +89,7 @@ def main() -> None:
     for photo in photos[:args.latency_images]:
         lat_torch.append(timed(cap.caption, photo)[1])
         lat_rt.append(timed(rt.caption, photo)[1])
-    k = rt.defaults["beam_size"]
+    k = rt.config.beam_size
     report = {
         "cpu": cpu_name(), "threads": threads, "photos": len(photos), "beam_size": k,
         "agreement": agreement(by_torch, by_rt),

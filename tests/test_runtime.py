@@ -92,10 +92,13 @@ def test_pixels_are_the_captioners(shipped, runtime):
 
 
 @requires_flickr8k()
-@pytest.mark.parametrize("options", [dict(method="greedy"), dict(beam_size=3, length_penalty="avg"),
-                                     dict(beam_size=4, length_penalty="none", max_len=6), dict(n_best=3)])
+@pytest.mark.parametrize("options", [
+    dict(method="greedy"), dict(beam_size=3, length_penalty="avg"), dict(beam_size=4, length_penalty="none", max_len=6),
+    dict(n_best=3), dict(guide="on", guide_threshold=0.2),
+    dict(guide="on", guide_threshold=0.05, guide_max=3, guide_margin=10.0, n_best=2, length_penalty="avg")])
 def test_decoding_options_match_the_captioner(shipped, runtime, options):
-    photos = dev_photos(6)
+    # The demo photos have confident tags, so the guided rows decode with constraint states.
+    photos = dev_photos(6) + DEMO
     want, got = shipped.caption(photos, **options), runtime.caption(photos, **options)
     flat = (lambda rs: [r for group in rs for r in group]) if options.get("n_best") else (lambda rs: rs)
     assert [r["caption"] for r in flat(got)] == [r["caption"] for r in flat(want)]
@@ -107,7 +110,7 @@ def test_bytes_and_pil_images_caption_as_the_captioner(shipped, runtime):
 
     by_path = runtime.caption(DEMO[0])
     assert runtime.caption(open(DEMO[0], "rb").read()) == by_path
-    assert set(by_path) == {"caption", "score"} and by_path["caption"]
+    assert set(by_path) == {"caption", "score", "tags"} and by_path["caption"]
     # An opened PIL image is decoded at full size (a path or bytes may use JPEG's reduced-scale decoding).
     got, want = runtime.caption(Image.open(DEMO[0])), shipped.caption(Image.open(DEMO[0]))
     assert got["caption"] == want["caption"] and abs(got["score"] - want["score"]) < 1e-3
@@ -123,7 +126,7 @@ def test_other_recurrent_decoders_export_exactly(shipped, tmp_path, cell, inject
     feats = torch.randn(3, shipped.encoder.width).abs()
     for options in (dict(method="greedy"), dict(beam_size=3, n_best=2)):
         want = [cap.format(hyps) for hyps in cap.decode(feats, cap.options(**options))]
-        got = [rt.format(hyps) for hyps in rt.decode(feats.numpy(), **options)]
+        got = [rt.format(hyps) for hyps in rt.decode(feats.numpy(), rt.options(**options))]
         assert [[r["caption"] for r in g] for g in got] == [[r["caption"] for r in w] for w in want]
         assert np.allclose([[r["score"] for r in g] for g in got], [[r["score"] for r in w] for w in want],
                            atol=1e-3)
@@ -142,7 +145,7 @@ def test_the_int8_step_is_smaller_and_still_decodes(shipped, tmp_path):
                                                               .graph.node}
     assert (int8 / "decoder_step.onnx").stat().st_size < (fp32 / "decoder_step.onnx").stat().st_size
     feats = torch.randn(2, shipped.encoder.width).abs().numpy()
-    want, got = Runtime(fp32).decode(feats, beam_size=3), Runtime(int8).decode(feats, beam_size=3)
+    want, got = (rt.decode(feats, rt.options(beam_size=3)) for rt in (Runtime(fp32), Runtime(int8)))
     assert len(got) == 2 and all(len(h) == 1 and h[0][1] < 0 for h in got)
     assert np.allclose([h[0][1] for h in got], [h[0][1] for h in want], atol=0.5)
 
@@ -239,8 +242,17 @@ def test_a_malformed_manifest_is_a_bundle_error(bundle, tmp_path, damage):
         Runtime(copy)
 
 
+def test_the_runtime_tags_as_the_captioner(shipped, runtime):
+    want, got = shipped.tags(DEMO), runtime.tags(DEMO)
+    assert [[t["tag"] for t in g] for g in got] == [[t["tag"] for t in w] for w in want]
+    assert np.allclose([t["prob"] for g in got for t in g], [t["prob"] for w in want for t in w], atol=1e-3)
+    assert runtime.caption(DEMO[0], guide="on")["tags"] == got[0]
+
+
 def test_the_manifest_describes_the_model(bundle, shipped):
     m = json.loads((bundle / "bundle.json").read_text())
+    assert m["tags"] == {"regions": 1} and {"tagger", "tag_mapping"} <= set(m["files"])
+    assert m["decode"]["guide"] == shipped.config.decode.guide
     assert m["vocab"]["itos"] == shipped.vocab.itos
     assert m["preprocess"]["resize"] == m["preprocess"]["crop"] == 224
     assert m["preprocess"]["mean"] == m["preprocess"]["std"] == [0.5, 0.5, 0.5]
