@@ -29,11 +29,14 @@ def decode_args(p) -> None:
     p.add_argument("--beam", type=int, action=Deprecated, new="--beam-size", help=argparse.SUPPRESS)
     p.add_argument("--max-len", type=int, default=None, help="longest caption in words")
     p.add_argument("--length-penalty", choices=["none", "avg", "wu"], default=None)
+    p.add_argument("--guide", choices=["on", "off"], default=None,
+                   help="beam search guided by the encoder's ImageNet tags, so the caption names what they see "
+                        "(default: the model's, on)")
 
 
 def decode_options(args) -> dict:
     """The parsed decoding flags as Captioner / Runtime options (None: the model's setting)."""
-    return dict(beam_size=args.beam, max_len=args.max_len, length_penalty=args.length_penalty)
+    return dict(beam_size=args.beam, max_len=args.max_len, length_penalty=args.length_penalty, guide=args.guide)
 
 
 def print_captions(caption, paths: list[str], *, n_best: int, as_json: bool, **options) -> int:

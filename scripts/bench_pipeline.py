@@ -9,6 +9,9 @@ background load hits both alike; each figure is a median over repeats after a wa
                         ratio. Goal >= 4x.
   latency_p50_ms/_p95   `Captioner.caption(path)`, one photo at a time (open, preprocess, encode,
                         search), the model's own decode settings, default engine. Goal p50 <= 20 ms.
+  guide_caption_dir_ratio  caption-dir images/s with the model's guided search ÷ with --guide off,
+                        default engine. Goal >= 0.8.
+  guide_latency_ratio   single-image latency p50, guided ÷ --guide off. Goal <= 1.3.
   pipeline_efficiency   caption-dir images/s ÷ the best its stages allow, 1 / (load + encoder +
                         search seconds per photo), each stage timed alone on the same photos, in
                         the same repeat. Goal >= 0.85.
@@ -56,10 +59,11 @@ def _seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def _caption_dir(cap: Captioner, folder: Path, batch_size: int, workers: int, tmp: Path) -> float:
+def _caption_dir(cap: Captioner, folder: Path, batch_size: int, workers: int, tmp: Path, **options) -> float:
     out = tmp / f"out_{time.perf_counter_ns()}.jsonl"
     start = time.perf_counter()
-    summary = caption_dir(cap, folder, out, batch_size=batch_size, workers=workers, progress=False)
+    summary = caption_dir(cap, folder, out, batch_size=batch_size, workers=workers, progress=False,
+                          options=cap.options(**options))
     seconds = time.perf_counter() - start
     if summary.errors or summary.captioned != summary.total:
         raise RuntimeError(f"caption-dir did not caption every photo: {summary}")
@@ -92,6 +96,7 @@ def run(checkpoint: str | Path | None = None, n_images: int = 200, batch_size: i
     for cap in caps.values():
         cap.caption(files[:2])  # warm-up: the ONNX export or cache check, first kernels, allocations
     cdir = {e: [] for e in ENGINES}
+    unguided = []  # caption-dir images/s with --guide off, default engine
     ext = {e: [] for e in ENGINES}
     stages, efficiency = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -104,12 +109,14 @@ def run(checkpoint: str | Path | None = None, n_images: int = 200, batch_size: i
             for e, cap in caps.items():
                 cdir[e].append(n_images / _caption_dir(cap, folder, batch_size, workers, tmp))
                 ext[e].append(n_images / _extract(cap, examples, e, workers, tmp))
+            unguided.append(n_images / _caption_dir(caps["auto"], folder, batch_size, workers, tmp, guide="off"))
             stages.append(_stages(caps["auto"], files[:n_images], batch_size))
             efficiency.append(cdir["auto"][-1] * sum(stages[-1].values()))
-    latencies = {e: [] for e in ENGINES}
+    latencies = {e: [] for e in [*ENGINES, "unguided"]}
     for f in files[:latency_images]:
         for e, cap in caps.items():
             latencies[e].append(_seconds(lambda cap=cap, f=f: cap.caption(f)) * 1000)
+        latencies["unguided"].append(_seconds(lambda f=f: caps["auto"].caption(f, guide="off")) * 1000)
     med = statistics.median
     d = caps["auto"].config.decode
     r = {
@@ -118,6 +125,11 @@ def run(checkpoint: str | Path | None = None, n_images: int = 200, batch_size: i
         "latency_p50_ms": round(float(np.percentile(latencies["auto"], 50)), 1),
         "latency_p95_ms": round(float(np.percentile(latencies["auto"], 95)), 1),
         "pipeline_efficiency": round(med(efficiency), 3),
+        "guide_caption_dir_ratio": round(med(a / b for a, b in zip(cdir["auto"], unguided)), 2),
+        "guide_latency_ratio": round(float(np.percentile(latencies["auto"], 50)
+                                           / np.percentile(latencies["unguided"], 50)), 2),
+        "caption_dir_images_per_s_unguided": round(med(unguided), 1),
+        "latency_p50_ms_unguided": round(float(np.percentile(latencies["unguided"], 50)), 1),
         "engine": resolve_engine("auto", caps["auto"].device),
     }
     for e, name in (("auto", "default"), ("torch", "torch")):

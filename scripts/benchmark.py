@@ -349,6 +349,10 @@ def table(r: dict) -> str:
             f"{r['caption_dir_images_per_s_torch']}) | **{r['caption_dir_speedup']}×** | ≥ 3× |",
             f"| extract-features images/s, {r['engine']} ÷ torch ({r['extract_images_per_s_default']} ÷ "
             f"{r['extract_images_per_s_torch']}) | **{r['extract_speedup']}×** | ≥ 4× |",
+            f"| caption-dir images/s, guided ÷ `--guide off` ({r['caption_dir_images_per_s_default']} ÷ "
+            f"{r['caption_dir_images_per_s_unguided']}) | **{r['guide_caption_dir_ratio']}×** | ≥ 0.8× |",
+            f"| single-image latency p50, guided ÷ `--guide off` ({r['latency_p50_ms']} ÷ "
+            f"{r['latency_p50_ms_unguided']} ms) | **{r['guide_latency_ratio']}×** | ≤ 1.3× |",
             f"| single-image `Captioner.caption` latency p50 / p95 ({r['decode']}; torch engine p50 "
             f"{r['latency_p50_ms_torch']} ms) | **{r['latency_p50_ms']} / {r['latency_p95_ms']} ms** | p50 ≤ 20 ms |",
             f"| caption-dir ÷ the best its stages allow (per photo: load {r['stage_ms_load']} + encoder "

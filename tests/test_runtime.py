@@ -205,7 +205,8 @@ def test_export_into_a_bundle_folder_replaces_only_the_bundles_files(shipped, bu
     export_bundle(shipped, out)
     assert (out / "notes.txt").read_text() == "mine" and (out / "photos" / "dog.jpg").read_bytes() == b"jpeg"
     assert sorted(p.name for p in out.iterdir()) == sorted(["bundle.json", "decoder_init.onnx", "decoder_step.onnx",
-                                                            "encoder.onnx", "notes.txt", "photos"])
+                                                            "encoder.onnx", "imagenet_nouns.tsv", "tagger.npz",
+                                                            "notes.txt", "photos"])
     Runtime(out)
     plain = tmp_path / "plain"
     plain.write_text("a file")
