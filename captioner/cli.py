@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .errors import CheckpointError, StaleCache, WeightsUnavailable, file_system_error, needs_train_extra
@@ -26,6 +27,9 @@ def _server_args(p, port: int):
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 for every one)")
     p.add_argument("--port", type=int, default=port)
     p.add_argument("--max-pixels", type=int, help="width x height limit of one image (default 40 million)")
+    p.add_argument("--auth-token", default=os.environ.get("CAPTIONER_AUTH_TOKEN") or None,
+                   help="a secret the API wants as 'Authorization: Bearer TOKEN' and the UI as its login password "
+                        "(default: $CAPTIONER_AUTH_TOKEN; set one whenever --host is beyond loopback)")
 
 
 def cmd_caption(args):
@@ -102,11 +106,13 @@ def cmd_finetune(args):
 
 def cmd_demo(args):
     from .inference import Captioner
-    from .ui import build_ui
+    from .limits import Limits
+    from .ui import build_ui, launch_options
 
     cap = Captioner.load(args.checkpoint, device=args.device, precision=args.precision, engine=args.engine)
-    limit = {"max_pixels": args.max_pixels} if args.max_pixels else {}
-    build_ui(cap, **limit).launch(server_name=args.host, server_port=args.port)
+    limits = Limits(**({"max_pixels": args.max_pixels} if args.max_pixels else {}))
+    build_ui(cap, limits=limits).launch(server_name=args.host, server_port=args.port,
+                                        **launch_options(limits, args.auth_token))
     return 0
 
 
@@ -118,7 +124,7 @@ def cmd_serve(args):
                  pixels_in_flight=args.pixels_in_flight)
     limits = Limits(**{k: v for k, v in given.items() if v is not None})  # unset: the service's defaults
     cap = Captioner.load(args.checkpoint, device=args.device, precision=args.precision, engine=args.engine)
-    serve(cap, host=args.host, port=args.port, limits=limits)
+    serve(cap, host=args.host, port=args.port, limits=limits, auth_token=args.auth_token)
     return 0
 
 

@@ -32,6 +32,10 @@ class Limits:
     max_waiting: int = 8  # requests waiting for room in the pixel budget; more are refused at once
     max_wait_s: float = 10.0  # how long one of them waits before it is refused
     max_queued: int = 128  # preprocessed images waiting for the model (600 KB each at 224x224)
+    max_answer_s: float = 60.0  # a UI event waits this long for the model, then gives up its place
+    ui_workers: int = 4  # UI events preprocessing and waiting at once; each holds a thread of the pool
+    ui_queue: int = 16  # UI events waiting for one of those; more are refused at once
+    cache_age_s: int = 3600  # uploads to the UI are deleted this long after they arrive
 
     @property
     def max_body_bytes(self) -> int:

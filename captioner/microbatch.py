@@ -53,12 +53,15 @@ class Batcher:
         """Queue preprocessed images; the future resolves to each image's formatted hypotheses
         (`Captioner.format`). options: from `Captioner.options(...)`, checked by the caller.
 
-        Raises Overloaded when the queue is full, RuntimeError once closed."""
+        Raises Overloaded when the queue is full, ValueError for a job bigger than the whole
+        queue (even an idle worker would hold it longer than the queue allows), RuntimeError once closed."""
         job = _Job(list(pixels), options or self.captioner.config.decode)
+        if len(job.pixels) > self.max_queued:
+            raise ValueError(f"{len(job.pixels)} images at once, over the queue's {self.max_queued}")
         with self._lock:
             if self._closed:
                 raise RuntimeError("the batcher is closed")
-            if self._queued and self._queued + len(job.pixels) > self.max_queued:
+            if self._queued + len(job.pixels) > self.max_queued:
                 raise Overloaded(f"busy: {self._queued} images queued for the model")
             self._queued += len(job.pixels)
             self._jobs.put(job)

@@ -14,11 +14,12 @@ is also in the log.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import uuid
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -110,8 +111,23 @@ def _busy(message: str) -> HTTPException:
     return HTTPException(503, message, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
-def create_app(captioner: Captioner, limits: Limits = Limits(), ui: bool = True) -> FastAPI:
-    batcher = Batcher(captioner, max_queued=limits.max_queued)
+def _token_check(token: str):
+    """A dependency that admits requests carrying `Authorization: Bearer <token>`, compared in constant time."""
+    expected = f"Bearer {token}".encode()
+
+    async def check(request: Request):
+        if not hmac.compare_digest(request.headers.get("authorization", "").encode(), expected):
+            raise HTTPException(401, "missing or wrong token: send the header 'Authorization: Bearer <token>'",
+                                headers={"WWW-Authenticate": "Bearer"})
+    return check
+
+
+def create_app(captioner: Captioner, limits: Limits = Limits(), ui: bool = True,
+               auth_token: str | None = None) -> FastAPI:
+    """The service's app. auth_token: when given, /v1/captions wants it as a bearer token and the UI as
+    its login password; /healthz stays open for probes."""
+    # A job is at most max_files images, so the queue always has room for one when idle.
+    batcher = Batcher(captioner, max_queued=max(limits.max_queued, limits.max_files))
     budget = PixelBudget(limits.pixel_budget, limits.max_waiting, limits.max_wait_s)
 
     def preprocess(src):
@@ -119,13 +135,6 @@ def create_app(captioner: Captioner, limits: Limits = Limits(), ui: bool = True)
         image = open_image(src, limits.max_pixels)
         with budget.admit(decode_cost(image.width, image.height, image.mode)):
             return captioner.preprocess(image)
-
-    def caption(images: list, **decode_options) -> list:
-        """The UI's door to the model: the same limits and queue as the API, safe from any thread.
-        Returns what `Captioner.caption` returns for a list."""
-        options = captioner.options(**decode_options)
-        results = batcher.submit([preprocess(im) for im in images], options).result()
-        return results if options.n_best > 1 else [r[0] for r in results]
 
     @asynccontextmanager
     async def lifespan(app):
@@ -137,7 +146,38 @@ def create_app(captioner: Captioner, limits: Limits = Limits(), ui: bool = True)
                          description="Image captioning: POST images, get captions. The demo UI is at /.")
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     app.state.batcher, app.state.budget = batcher, budget
+    _add_error_handlers(app)
 
+    @app.get("/healthz", responses={503: {"description": "the captioning worker has stopped"}})
+    async def healthz():
+        if not batcher.alive:
+            return _error(503, "the captioning worker has stopped", status="down")
+        return {"status": "ok", "device": str(captioner.device)}
+
+    _add_captions_route(app, captioner, limits, preprocess, [Depends(_token_check(auth_token))] if auth_token else [])
+    if ui:  # gradio is imported only here: the API alone never loads it
+        import gradio as gr
+
+        from .ui import build_ui, launch_options
+
+        def caption(images: list, **decode_options) -> list:
+            """The UI's door to the model: the API's limits and queue, safe from any thread; waits at most
+            limits.max_answer_s. Returns what `Captioner.caption` returns for a list."""
+            options = captioner.options(**decode_options)
+            future = batcher.submit([preprocess(im) for im in images], options)
+            try:
+                results = future.result(timeout=limits.max_answer_s)
+            except TimeoutError:
+                future.cancel()  # still queued: the worker skips it
+                raise Overloaded(f"busy: no answer within {limits.max_answer_s:g} s") from None
+            return results if options.n_best > 1 else [r[0] for r in results]
+
+        gr.mount_gradio_app(app, build_ui(captioner, caption=caption, limits=limits), path="",
+                            **launch_options(limits, auth_token))
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}"
@@ -150,24 +190,26 @@ def create_app(captioner: Captioner, limits: Limits = Limits(), ui: bool = True)
         log.error("error %s in %s %s", error_id, request.method, request.url.path, exc_info=exc)
         return _error(500, f"internal error, id {error_id} in the server log", error_id=error_id)
 
-    @app.get("/healthz", responses={503: {"description": "the captioning worker has stopped"}})
-    async def healthz():
-        if not batcher.alive:
-            return _error(503, "the captioning worker has stopped", status="down")
-        return {"status": "ok", "device": str(captioner.device)}
+
+def _add_captions_route(app: FastAPI, captioner: Captioner, limits: Limits, preprocess, dependencies: list) -> None:
+    batcher = app.state.batcher
 
     @app.post("/v1/captions", response_model=CaptionsResponse, response_model_exclude_none=True,
-              responses={413: {"description": "body, file count or image over the limits"},
+              dependencies=dependencies,
+              responses={401: {"description": "the server wants a token and this request has none or another"},
+                         413: {"description": "body, file count or image over the limits"},
                          415: {"description": "a file is not a readable image"},
                          503: {"description": "at capacity: retry after the Retry-After header's seconds"}})
     async def captions(images: list[UploadFile] = File(..., description="one or more images, field repeated"),
                        beam_size: int | None = Form(None, ge=1, le=MAX_BEAM, description="default: the model's"),
                        n_best: int = Form(1, ge=1, le=MAX_N_BEST, description="captions per image, <= beam_size"),
-                       max_len: int | None = Form(None, ge=1, le=MAX_LEN, description="longest caption in words")):
+                       max_len: int | None = Form(None, ge=1, le=MAX_LEN, description="longest caption in words"),
+                       guide: str | None = Form(None, pattern="^(on|off)$",
+                                                description="on | off: guided by the tags (default: the model's)")):
         if len(images) > limits.max_files:
             raise HTTPException(413, f"too many files: {len(images)}, the limit is {limits.max_files}")
         try:
-            options = captioner.options(beam_size=beam_size, n_best=n_best, max_len=max_len)
+            options = captioner.options(beam_size=beam_size, n_best=n_best, max_len=max_len, guide=guide)
         except ValueError as e:  # n_best over the beam
             raise HTTPException(422, str(e)) from None
         names = [f.filename or f"images[{i}]" for i, f in enumerate(images)]
@@ -198,16 +240,12 @@ def create_app(captioner: Captioner, limits: Limits = Limits(), ui: bool = True)
         return {"results": [{"filename": name, **r[0], **({"captions": r} if n_best > 1 else {})}
                             for name, r in zip(names, results)]}
 
-    if ui:  # gradio is imported only here: the API alone never loads it
-        import gradio as gr
 
-        from .ui import build_ui
-
-        gr.mount_gradio_app(app, build_ui(captioner, caption=caption), path="")
-    return app
-
-
-def serve(captioner: Captioner, host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits()):
+def serve(captioner: Captioner, host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits(),
+          auth_token: str | None = None):
     import uvicorn
 
-    uvicorn.run(create_app(captioner, limits), host=host, port=port)
+    if not auth_token and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s without --auth-token: anyone who can reach this port can use it "
+                    "(docs/service.md, Deployment)", host)
+    uvicorn.run(create_app(captioner, limits, auth_token=auth_token), host=host, port=port)

@@ -3,10 +3,13 @@
 `build_ui(captioner)` returns the Blocks app; `captioner demo` launches it alone,
 `captioner serve` mounts it at / next to the HTTP API. Either way the model runs
 one batch at a time: alone, every event shares one Gradio queue slot; in the
-service, they go through its Batcher.
+service, they go through its Batcher. Both apply the same Limits as the API: files
+per event, pixels per image, upload size (launch_options), a bounded event queue,
+and uploads deleted after limits.cache_age_s.
 """
 from __future__ import annotations
 
+import hmac
 import os
 from pathlib import Path
 
@@ -15,9 +18,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
-from .images import MAX_PIXELS, ImageError, open_image  # noqa: E402
+from .images import ImageError, open_image  # noqa: E402
 from .inference import Captioner  # noqa: E402
-from .limits import MAX_BEAM, MAX_LEN, MAX_N_BEST, Overloaded  # noqa: E402
+from .limits import MAX_BEAM, MAX_LEN, MAX_N_BEST, Limits, Overloaded  # noqa: E402
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "demo" / "examples"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -31,19 +34,29 @@ def example_images(folder: Path = EXAMPLES_DIR) -> list[str]:
     return sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def launch_options(limits: Limits = Limits(), auth_token: str | None = None) -> dict:
+    """Keyword arguments for `Blocks.launch` / `gr.mount_gradio_app`: the upload limit, and with a
+    token, a login whose password is the token (any user name)."""
+    options = {"max_file_size": limits.max_body_bytes}
+    if auth_token:
+        options["auth"] = lambda _user, password: hmac.compare_digest(password.encode(), auth_token.encode())
+    return options
+
+
 def build_ui(captioner: Captioner, caption=None, examples: list[str] | None = None,
-             max_pixels: int = MAX_PIXELS) -> gr.Blocks:
+             limits: Limits = Limits()) -> gr.Blocks:
     """The demo app around `captioner`.
 
     caption(images: list, **decode_options) -> list of results runs the model. By
-    default it is captioner.caption on images of at most max_pixels, and all events
+    default it is captioner.caption on images within limits.max_pixels, and all events
     share one queue slot, so one request at a time runs the model. The HTTP service
-    passes its own caption instead (its limits, its Batcher), safe to call concurrently.
+    passes its own caption instead (its limits, its Batcher), safe to call from
+    limits.ui_workers events at once.
     """
-    concurrency = 1 if caption is None else None
+    concurrency = 1 if caption is None else limits.ui_workers
     if caption is None:
         def caption(images: list, **decode_options) -> list:
-            return captioner.caption([open_image(im, max_pixels) for im in images], **decode_options)
+            return captioner.caption([open_image(im, limits.max_pixels) for im in images], **decode_options)
     defaults = captioner.config.decode
     examples = example_images() if examples is None else examples
 
@@ -70,6 +83,8 @@ def build_ui(captioner: Captioner, caption=None, examples: list[str] | None = No
     def caption_many(files, beam_size, max_len):
         if not files:
             raise gr.Error("Upload one or more images first.")
+        if len(files) > limits.max_files:
+            raise gr.Error(f"Too many files: {len(files)}, the limit is {limits.max_files} at once.")
         options = dict(beam_size=int(beam_size), max_len=int(max_len))
         try:
             results = run_model(files, **options)
@@ -84,7 +99,10 @@ def build_ui(captioner: Captioner, caption=None, examples: list[str] | None = No
         gallery = [(f, r["caption"]) for f, r in zip(files, results) if r["score"] is not None]
         return gallery, [[n, r["caption"], r["score"], tag_text(r)] for n, r in zip(names, results)]
 
-    with gr.Blocks(title="Image captioner", analytics_enabled=False) as ui:
+    # Gradio keeps every upload on disk until told otherwise: sweep every minute (or sooner for a
+    # shorter age) and delete what is older than the age.
+    age = limits.cache_age_s
+    with gr.Blocks(title="Image captioner", analytics_enabled=False, delete_cache=(min(60, age), age)) as ui:
         gr.Markdown("# Image captioner\nA CNN encoder reads the photo; an LSTM decoder, given the image "
                     "at every step, writes the caption. Beam search keeps the best few candidates.")
         with gr.Tab("One image"):
@@ -128,4 +146,5 @@ def build_ui(captioner: Captioner, caption=None, examples: list[str] | None = No
                      concurrency_id=MODEL_QUEUE)
         run_many.click(caption_many, [files, beam_many, max_len_many], [gallery, table_many],
                        api_name="caption_many", concurrency_limit=concurrency, concurrency_id=MODEL_QUEUE)
+    ui.queue(max_size=limits.ui_queue)
     return ui

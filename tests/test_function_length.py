@@ -7,8 +7,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "captioner"
 LIMIT = 60
 # Still over the limit; each is cleared by removing it here once its owner splits it.
-KNOWN = {"cli.build_parser", "service.create_app", "train._setup",
-         "ui.build_ui"}
+KNOWN = {"cli.build_parser", "train._setup", "ui.build_ui"}
 
 
 def long_functions() -> dict[str, int]:

@@ -52,6 +52,13 @@ def test_round_trip_matches_the_captioner(client, captioner, photos):
         assert "captions" not in x
 
 
+def test_guide_on_and_off_round_trip(client, captioner, photos):
+    for guide in ("on", "off"):
+        r = client.post("/v1/captions", files=upload(photos[2]), data={"guide": guide})
+        assert r.status_code == 200, r.text
+        assert r.json()["results"][0] == {"filename": photos[2].name, **captioner.caption(photos[2], guide=guide)}
+
+
 def test_n_best_lists_captions_best_first(client, captioner, photos):
     r = client.post("/v1/captions", files=upload(photos[3]), data={"beam_size": "4", "n_best": "3", "max_len": "8"})
     assert r.status_code == 200, r.text
@@ -106,6 +113,7 @@ BAD_REQUESTS = {
                            "too large"),
     "n_best over beam": (lambda ph: dict(files=upload(ph[0]), data={"beam_size": "2", "n_best": "3"}), 422, "n_best"),
     "beam not a number": (lambda ph: dict(files=upload(ph[0]), data={"beam_size": "wide"}), 422, "beam_size"),
+    "guide not on or off": (lambda ph: dict(files=upload(ph[0]), data={"guide": "maybe"}), 422, "guide"),
 }
 
 
@@ -190,7 +198,7 @@ def test_batcher_queue_is_bounded(captioner, photos):
     try:
         pixels = [captioner.preprocess(photos[0])] * 3
         futures, refused = [], 0
-        for _ in range(6):  # 18 images submitted at once: the queue holds at most 4 beyond the first
+        for _ in range(6):  # 18 images submitted at once: the queue holds at most 4
             try:
                 futures.append(batcher.submit(pixels, captioner.options(beam_size=1)))
             except Overloaded:
@@ -199,6 +207,41 @@ def test_batcher_queue_is_bounded(captioner, photos):
         assert all(len(f.result(timeout=60)) == 3 for f in futures)
     finally:
         batcher.close()
+
+
+def test_batcher_refuses_a_job_bigger_than_its_queue_even_when_idle(captioner, photos):
+    from captioner.microbatch import Batcher
+
+    batcher = Batcher(captioner, max_queued=2)
+    try:
+        with pytest.raises(ValueError, match="3 images at once, over the queue's 2"):
+            batcher.submit([captioner.preprocess(photos[0])] * 3)
+        assert len(batcher.submit([captioner.preprocess(photos[0])] * 2).result(timeout=60)) == 2
+    finally:
+        batcher.close()
+
+
+def test_a_token_guards_the_api_and_the_ui_but_not_healthz(captioner, photos, tmp_path):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AuthenticationError
+
+    from captioner.service import create_app
+
+    with live_server(create_app(captioner, auth_token="s3cret")) as url, httpx.Client(base_url=url, timeout=60) as c:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            r = c.post("/v1/captions", files=upload(photos[0]), headers=headers)
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", r.text
+            assert "Authorization: Bearer" in r.json()["detail"]
+        r = c.post("/v1/captions", files=upload(photos[0]), headers={"Authorization": "Bearer s3cret"})
+        assert r.status_code == 200 and r.json()["results"][0] == {"filename": photos[0].name,
+                                                                   **captioner.caption(photos[0])}
+        assert c.get("/healthz").json()["status"] == "ok"
+        with pytest.raises(AuthenticationError, match="login"):
+            Client(url + "/", verbose=False, analytics_enabled=False)
+        ui = Client(url + "/", auth=("anyone", "s3cret"), verbose=False, analytics_enabled=False,
+                    download_files=str(tmp_path))
+        best, _, _ = ui.predict(handle_file(str(photos[0])), 2, 1, 10, api_name="/caption")
+        assert best == captioner.caption(photos[0], beam_size=2, max_len=10)["caption"]
 
 
 def test_healthz_is_503_once_the_worker_has_stopped(captioner):

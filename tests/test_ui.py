@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
 from live_server import live_server
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -118,8 +120,6 @@ def caption_via_ui(url: str, image, download_dir):
 
 @pytest.fixture
 def photo_200x100(tmp_path):
-    from PIL import Image
-
     Image.new("RGB", (200, 100), (30, 140, 60)).save(tmp_path / "wide.png")
     return tmp_path / "wide.png"
 
@@ -143,13 +143,61 @@ def test_demo_runs_the_model_from_one_queue_and_applies_its_pixel_limit(captione
     """`captioner demo`: every event that runs the model waits in one queue of one, so none runs concurrently."""
     from gradio_client.exceptions import AppError
 
-    from captioner.ui import MODEL_QUEUE, build_ui
+    from captioner.limits import Limits
+    from captioner.ui import MODEL_QUEUE, build_ui, launch_options
 
-    ui = build_ui(captioner, examples=[], max_pixels=19_999)
+    limits = Limits(max_pixels=19_999, max_upload_mb=0.05)
+    ui = build_ui(captioner, examples=[], limits=limits)
     assert {(f.concurrency_id, f.concurrency_limit) for f in ui.fns.values()} == {(MODEL_QUEUE, 1)}
-    ui.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    ui.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, **launch_options(limits))
     try:
         with pytest.raises(AppError, match="200x100 = 20000 pixels"):
             caption_via_ui(ui.local_url, photo_200x100, tmp_path)
+        noise = tmp_path / "noise.png"  # 100 KB that does not compress: over the 50 KB upload limit
+        Image.frombytes("L", (320, 320), os.urandom(320 * 320)).save(noise)
+        with pytest.raises(Exception, match="(?i)file size|too large|exceed"):
+            caption_via_ui(ui.local_url, noise, tmp_path)
+    finally:
+        ui.close()
+
+
+def test_ui_in_the_service_shares_its_limits(captioner, photo_200x100, tmp_path):
+    """Files per event and the answer deadline are the service's; its events run ui_workers at once."""
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    from captioner.service import Limits, create_app
+    from captioner.ui import MODEL_QUEUE
+
+    app = create_app(captioner, Limits(max_files=2, ui_workers=3))
+    with live_server(app) as url:
+        client = Client(url + "/", verbose=False, analytics_enabled=False, download_files=str(tmp_path))
+        files = [handle_file(str(photo_200x100))] * 3
+        with pytest.raises(AppError, match="Too many files: 3, the limit is 2 at once"):
+            client.predict(files, 2, 10, api_name="/caption_many")
+        _, table = client.predict(files[:2], 2, 10, api_name="/caption_many")
+        assert len(table["data"]) == 2
+    blocks = next(r.app.blocks for r in app.routes if hasattr(getattr(r, "app", None), "blocks"))
+    model_events = [f.concurrency_limit for f in blocks.fns.values() if f.concurrency_id == MODEL_QUEUE]
+    assert model_events == [3, 3, 3]
+    with live_server(create_app(captioner, Limits(max_answer_s=1e-4))) as url:
+        with pytest.raises(AppError, match="busy"):
+            caption_via_ui(url + "/", photo_200x100, tmp_path)
+
+
+def test_ui_deletes_uploads_after_their_age(captioner, photo_200x100, tmp_path):
+    from captioner.limits import Limits
+    from captioner.ui import build_ui
+
+    ui = build_ui(captioner, examples=[], limits=Limits(cache_age_s=1))
+    ui.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    try:
+        caption_via_ui(ui.local_url, photo_200x100, tmp_path)
+        uploads = [p for p in Path(ui.GRADIO_CACHE).rglob("wide.png")]
+        assert uploads, "the upload should be in Gradio's cache while it is young"
+        deadline = time.monotonic() + 15
+        while any(p.exists() for p in uploads) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert not any(p.exists() for p in uploads)
     finally:
         ui.close()
