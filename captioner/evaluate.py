@@ -32,6 +32,7 @@ from . import metrics
 from .config import DataConfig
 from .data import ONE_SPLIT_FORMATS, Example, detect_format, load_split
 from .files import write_atomic
+from .output import csv_text
 from .vocab import tokenize
 
 MISSING_FILE = "missing file"
@@ -261,7 +262,7 @@ def write_outputs(out: str | Path, captions: Captions, report: dict, with_result
     for i, h, refs in zip(captions.ids, captions.hypotheses, captions.references):
         s = metrics.sentence_bleu(h, refs)
         # References as a JSON list: any caption text survives the round trip.
-        writer.writerow([i, h, json.dumps(refs), *(f"{s[f'bleu{n}']:.2f}" for n in range(1, 5))])
+        writer.writerow([i, csv_text(h), json.dumps(refs), *(f"{s[f'bleu{n}']:.2f}" for n in range(1, 5))])
     files["per_image"] = _write(out / "per_image.csv", buf.getvalue())
     files["scores"] = str(out / "scores.json")
     _write(out / "scores.json", json.dumps({**report, "files": files, "per_image_bleu": metrics.SENTENCE_BLEU_METHOD},

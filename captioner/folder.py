@@ -38,9 +38,11 @@ from .config import DecodeConfig
 from .data import FileItem, ImageFiles
 from .files import fsync_dir, write_atomic
 from .inference import Captioner
+from .output import csv_text, csv_text_value
 
 DEFAULT_EXTS = ("jpg", "jpeg", "png", "gif", "bmp", "webp", "tif", "tiff")
 CSV_COLUMNS = ["image", "caption", "score", "error", "tags"]  # tags: "noun:prob" pairs, space-separated
+CSV_NUMBERS = {"score"}  # the other columns are text: csv_text keeps a spreadsheet from running them
 # json.dumps writes every row starting with exactly this, which tells our torn lines from foreign data.
 JSONL_ROW_START = b'{"image": '
 
@@ -244,7 +246,8 @@ class OutputFile:
             bad = next((n for n, r in enumerate(rows[1:], 2) if len(r) != len(CSV_COLUMNS)), None)
             if bad:
                 raise OutputError(f"{self.path} row {bad}: expected {len(CSV_COLUMNS)} columns")
-            return [dict(zip(CSV_COLUMNS, r)) for r in rows[1:]]
+            return [{c: v if c in CSV_NUMBERS else csv_text_value(v) for c, v in zip(CSV_COLUMNS, r)}
+                    for r in rows[1:]]
         rows = []
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -386,8 +389,8 @@ def _caption_files(captioner: Captioner, root: Path, names: list[str], output: O
 def _csv_cell(row: dict, column: str) -> str:
     value = row.get(column, "")
     if column == "tags" and isinstance(value, list):
-        return " ".join(f"{t['tag']}:{t['prob']}" for t in value)
-    return value
+        value = " ".join(f"{t['tag']}:{t['prob']}" for t in value)
+    return value if column in CSV_NUMBERS else csv_text(value)
 
 
 def caption_files(captioner: Captioner, root: Path, names: list[str], options: DecodeConfig | None = None, *,

@@ -1,4 +1,5 @@
-"""What the captioning commands share: the decoding-option flags and the caption lines they print.
+"""What the captioning commands share: the decoding-option flags, the caption lines they print and
+the text cells of their CSV files.
 
 Torch-free (the standard library; images only when printing), so both `captioner caption` (captioner.cli)
 and `python -m captioner.runtime` use it.
@@ -20,6 +21,22 @@ class Deprecated(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         print(f"warning: {option_string} is deprecated and will be removed; use {self.new}", file=sys.stderr)
         setattr(namespace, self.dest, values)
+
+
+# A spreadsheet runs a cell that starts like a formula; a leading apostrophe makes it text (OWASP's
+# advice for CSV injection). Cells that already start with one get another, so csv_text_value undoes
+# exactly what csv_text did.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def csv_text(value: str) -> str:
+    """A text cell for a CSV file that spreadsheets open: never read as a formula."""
+    return "'" + value if value.startswith(_FORMULA_START) else value
+
+
+def csv_text_value(cell: str) -> str:
+    """The text csv_text wrote."""
+    return cell[1:] if cell.startswith("'") and cell[1:].startswith(_FORMULA_START) else cell
 
 
 def decode_args(p) -> None:

@@ -469,3 +469,23 @@ def test_a_retry_cut_short_resumes_from_each_images_last_row(captioner, tmp_path
     rows = out.rows()
     assert [r["image"] for r in rows] == ["a.jpg", "b.jpg"] and all("caption" in r for r in rows)
     assert rows[0]["caption"] == "a blue circle"
+
+
+def test_csv_cells_open_as_text_in_a_spreadsheet_and_resume_by_their_real_names(captioner, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("=HYPERLINK(1).jpg", "+1.jpg", "-2.jpg", "@SUM(A1).jpg", "'quoted.jpg", "plain.jpg"):
+        asymmetric().save(photos / name)
+    (photos / "=thin.png").write_bytes(bomb_png(40000, 1))  # 201 bytes; far too long once resized
+    out = tmp_path / "out.csv"
+    caption_dir(captioner, photos, out, workers=0, progress=False)
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["image"] for r in rows) == sorted(
+        ["'=HYPERLINK(1).jpg", "'+1.jpg", "'-2.jpg", "'@SUM(A1).jpg", "''quoted.jpg", "plain.jpg", "'=thin.png"])
+    assert all(float(r["score"]) < 0 for r in rows if not r["error"])  # numbers stay numbers
+    (thin,) = [r for r in rows if r["error"]]
+    assert thin["image"] == "'=thin.png" and "aspect ratio" in thin["error"]
+    # The resume reads the names back as they are on disk: nothing is captioned twice.
+    summary = caption_dir(captioner, photos, out, workers=0, progress=False)
+    assert summary.skipped == 7 and summary.captioned == 0
