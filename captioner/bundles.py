@@ -59,7 +59,7 @@ def load(path: str | Path | None = None, device: str = "auto", precision: str | 
 
 def _paths(checkpoint: Path) -> tuple[Path, Path]:
     key = file_sha256(checkpoint)[:24]
-    folder = cache_dir() / "bundles" / f"{checkpoint.stem}-{key}"
+    folder = cache_dir("bundles") / f"{checkpoint.stem}-{key}"
     return folder, folder.with_suffix(".json")
 
 

@@ -72,7 +72,7 @@ def export_onnx(module: torch.nn.Module, example: tuple, path: str | Path, *, in
 
 def encoder_onnx(encoder: Encoder, folder: str | Path | None = None) -> Path:
     """The encoder's ONNX file in the cache, exported now if it is missing, stale or corrupt."""
-    folder = Path(folder) if folder is not None else cache_dir() / "onnx"
+    folder = Path(folder) if folder is not None else cache_dir("onnx")
     key = hashlib.sha256(f"{encoder.name}:{encoder.regions}:{EXPORT_FORMAT}:{OPSET}:"
                          f"{weights_checksum(encoder)}".encode()).hexdigest()[:24]
     path = folder / f"{encoder.name}-{key}.onnx"

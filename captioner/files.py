@@ -11,6 +11,7 @@ Also where captioner's own files are: the shipped model, and the per-user cache 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import tempfile
@@ -29,11 +30,30 @@ UMASK = _read_umask()
 DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "flickr8k_lite0.pt"
 
 
-def cache_dir() -> Path:
-    """$CAPTIONER_CACHE, else $XDG_CACHE_HOME/captioner, else ~/.cache/captioner."""
-    if os.environ.get("CAPTIONER_CACHE"):
-        return Path(os.environ["CAPTIONER_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "captioner"
+class UnsafeCache(PermissionError):
+    """A cache folder someone else owns or may write to: what is in it could have been planted."""
+
+
+def cache_dir(*parts: str) -> Path:
+    """The cache folder `parts` below $CAPTIONER_CACHE, else $XDG_CACHE_HOME/captioner, else
+    ~/.cache/captioner; each level is made 0700.
+
+    The cache holds code that runs (ONNX graphs), trusted when it matches the JSON beside it, and
+    whoever can write one can write both. So every level must be the user's own and writable by
+    nobody else, or it is refused before anything inside is read or made (UnsafeCache)."""
+    root = Path(os.environ.get("CAPTIONER_CACHE") or
+                Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "captioner")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    folder = root
+    for part in ("", *parts):
+        folder = folder / part if part else folder
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(folder, 0o700)
+        info = os.stat(folder)
+        if info.st_uid != os.getuid() or info.st_mode & 0o022:
+            raise UnsafeCache(errno.EACCES, "the cache folder is not yours alone (another owner, or group or others "
+                              "may write to it); set CAPTIONER_CACHE to a folder only you can write", str(folder))
+    return folder
 
 
 @contextlib.contextmanager

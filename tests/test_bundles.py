@@ -49,6 +49,19 @@ def test_without_torch_and_without_a_bundle_the_advice_is_one_line(tiny_run, tmp
                                                  "training extra: pip install 'captioner[train]'")
 
 
+def test_a_cache_others_can_write_is_refused_not_run(tiny_run, tmp_path):
+    _, model = tiny_run
+    assert captioner(tmp_path, "caption", DEMO[0], "-c", str(model)).returncode == 0
+    assert [oct(p.stat().st_mode & 0o777) for p in (tmp_path, tmp_path / "bundles")] == ["0o700", "0o700"]
+    (tmp_path / "bundles").chmod(0o777)  # a shared cache anyone could have planted a bundle in
+    r = captioner(tmp_path, "caption", DEMO[0], "-c", str(model), torch=False)
+    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "captioner caption: error: the cache folder is not yours alone (another owner, or group or others may "
+        f"write to it); set CAPTIONER_CACHE to a folder only you can write: {tmp_path / 'bundles'} (check the "
+        "permissions, or write to another place)"]
+
+
 def test_bad_options_fail_before_any_model_loads(tmp_path):
     r = captioner(tmp_path, "caption", DEMO[0], "--beam", "0", torch=False)
     assert r.returncode == 2 and "beam_size must be an integer >= 1" in r.stderr, r.stderr
