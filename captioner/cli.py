@@ -1,4 +1,5 @@
-"""Command line: `captioner <command> ...`. Every command that captions goes through inference.Captioner."""
+"""Command line: `captioner <command> ...`. Commands that caption get their model from bundles.load (the
+torch-free runtime on a CPU) or inference.Captioner, never by building one."""
 from __future__ import annotations
 
 import argparse
@@ -105,11 +106,11 @@ def cmd_finetune(args):
 
 
 def cmd_demo(args):
-    from .inference import Captioner
+    from . import bundles
     from .limits import Limits
     from .ui import build_ui, launch_options
 
-    cap = Captioner.load(args.checkpoint, device=args.device, precision=args.precision, engine=args.engine)
+    cap = bundles.load(args.checkpoint, device=args.device, precision=args.precision, engine=args.engine)
     limits = Limits(**({"max_pixels": args.max_pixels} if args.max_pixels else {}))
     build_ui(cap, limits=limits).launch(server_name=args.host, server_port=args.port,
                                         **launch_options(limits, args.auth_token))
@@ -117,13 +118,13 @@ def cmd_demo(args):
 
 
 def cmd_serve(args):
-    from .inference import Captioner
+    from . import bundles
     from .service import Limits, serve
 
     given = dict(max_files=args.max_files, max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
                  pixels_in_flight=args.pixels_in_flight)
     limits = Limits(**{k: v for k, v in given.items() if v is not None})  # unset: the service's defaults
-    cap = Captioner.load(args.checkpoint, device=args.device, precision=args.precision, engine=args.engine)
+    cap = bundles.load(args.checkpoint, device=args.device, precision=args.precision, engine=args.engine)
     serve(cap, host=args.host, port=args.port, limits=limits, auth_token=args.auth_token)
     return 0
 

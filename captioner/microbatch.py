@@ -16,26 +16,31 @@ import queue
 import threading
 from concurrent.futures import Future
 from dataclasses import astuple, dataclass, field
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
 from .config import DecodeConfig
-from .inference import Captioner
 from .limits import Limits, Overloaded
+
+if TYPE_CHECKING:  # either engine serves: the torch Captioner or the torch-free runtime.Runtime
+    from .inference import Captioner
+    from .runtime import Runtime
 
 
 @dataclass
 class _Job:
-    pixels: list[torch.Tensor]
+    pixels: list[Any]  # torch tensors for a Captioner, numpy arrays for a Runtime
     options: DecodeConfig  # jobs with equal options share a batch
     future: Future = field(default_factory=Future)
 
 
 class Batcher:
-    def __init__(self, captioner: Captioner, max_batch: int | None = None, max_queued: int = Limits.max_queued):
+    def __init__(self, captioner: Captioner | Runtime, max_batch: int | None = None,
+                 max_queued: int = Limits.max_queued):
         # On CPU the encoder is fastest per image at batches of 4-8 (measured: 16 is slower
         # than 8); a GPU wants bigger batches.
-        self.max_batch = max_batch or (32 if captioner.device.type == "cuda" else 8)
+        self.max_batch = max_batch or (32 if str(captioner.device).startswith("cuda") else 8)
         self.max_queued = max_queued
         self.captioner = captioner
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
@@ -49,13 +54,14 @@ class Batcher:
     def alive(self) -> bool:
         return self._worker.is_alive()
 
-    def submit(self, pixels: list[torch.Tensor], options: DecodeConfig | None = None) -> Future:
+    def submit(self, pixels: list, options: DecodeConfig | None = None) -> Future:
         """Queue preprocessed images; the future resolves to each image's formatted hypotheses
-        (`Captioner.format`). options: from `Captioner.options(...)`, checked by the caller.
+        (`Captioner.format`). pixels: from the captioner's preprocess; options: from its
+        `options(...)`, checked by the caller.
 
         Raises Overloaded when the queue is full, ValueError for a job bigger than the whole
         queue (even an idle worker would hold it longer than the queue allows), RuntimeError once closed."""
-        job = _Job(list(pixels), options or self.captioner.config.decode)
+        job = _Job(list(pixels), options or self.captioner.options())
         if len(job.pixels) > self.max_queued:
             raise ValueError(f"{len(job.pixels)} images at once, over the queue's {self.max_queued}")
         with self._lock:
@@ -102,7 +108,7 @@ class Batcher:
             pixels = [p for j in jobs for p in j.pixels]
             results = []
             for i in range(0, len(pixels), self.max_batch):
-                batch = torch.stack(pixels[i:i + self.max_batch])
+                batch = _stack(pixels[i:i + self.max_batch])
                 results += cap.describe(cap.encode(batch), options)
         except Exception as e:  # an invalid option, a malformed tensor...: fail only the job at fault
             if len(jobs) > 1:
@@ -114,3 +120,12 @@ class Batcher:
         for j in jobs:
             j.future.set_result(results[:len(j.pixels)])
             results = results[len(j.pixels):]
+
+
+def _stack(pixels: list):
+    """One batch of preprocessed images, as the engine that made them stacks them."""
+    if isinstance(pixels[0], np.ndarray):
+        return np.stack(pixels)
+    import torch  # only a torch Captioner's tensors get here, so torch is already loaded
+
+    return torch.stack(pixels)

@@ -112,6 +112,8 @@ def _top(values: np.ndarray, n: int) -> np.ndarray:
 
 
 class Runtime:
+    device = "cpu"  # onnxruntime's CPU provider; a GPU is served by the torch Captioner
+
     def __init__(self, folder: str | Path, threads: int | None = None):
         folder = Path(folder)
         self.manifest = read_manifest(folder)
@@ -190,6 +192,10 @@ class Runtime:
         extra = {} if tags is None else {"tags": tags}
         return [{"caption": self.vocab.decode(tokens), "score": round(score, 4), **extra} for tokens, score in hyps]
 
+    def describe(self, feats: np.ndarray, options: DecodeConfig | None = None) -> list[list[dict]]:
+        """Features -> per image its formatted hypotheses with its tags, as Captioner.describe."""
+        return [self.format(h, t) for h, t in zip(self.decode(feats, options), self.tag_features(feats))]
+
     def tags(self, images, *, batch_size: int = 32) -> list[list[dict]] | list[dict]:
         """Per image [{"tag": noun, "prob": p}, ...], likeliest first, as Captioner.tags."""
         if self.tagger is None:
@@ -204,8 +210,7 @@ class Runtime:
         a single input gives a single result. Options: method (beam | greedy) and OPTIONS.
         """
         o = self.options(method, n_best, **options)
-        results, single = self._per_image(
-            images, batch_size, lambda f: [self.format(h, t) for h, t in zip(self.decode(f, o), self.tag_features(f))])
+        results, single = self._per_image(images, batch_size, lambda f: self.describe(f, o))
         if n_best == 1:
             results = [r[0] for r in results]
         return results[0] if single else results

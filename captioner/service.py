@@ -1,7 +1,9 @@
 """The HTTP API: POST /v1/captions, GET /healthz, OpenAPI docs at /docs, the Gradio UI at /.
 
-All requests (API and UI) share one Captioner through a Batcher, so concurrent
-clients are batched and none runs the model at the same time as another. Images
+All requests (API and UI) share one model through a Batcher, so concurrent
+clients are batched and none runs the model at the same time as another. On a CPU
+the model is the checkpoint's bundle in onnxruntime (bundles.load), so serving
+imports no torch; on a GPU or with --engine torch it is the torch Captioner. Images
 are admitted by their pixel count, read from the header, into a fixed budget
 (limits.py): at capacity a request gets 503 with Retry-After instead of growing
 memory. Every error body is JSON {"detail": message}: bad input gets a 4xx and
@@ -18,6 +20,7 @@ import hmac
 import logging
 import uuid
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
@@ -29,9 +32,12 @@ from starlette.datastructures import Headers
 
 from . import __version__
 from .images import ImageError, ImageTooLarge, decode_cost, open_image
-from .inference import Captioner
 from .limits import MAX_BEAM, MAX_LEN, MAX_N_BEST, Limits, Overloaded, PixelBudget
 from .microbatch import Batcher
+
+if TYPE_CHECKING:  # either engine serves: the torch Captioner or the torch-free runtime.Runtime
+    from .inference import Captioner
+    from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = 1  # an overload lasts about as long as a few large decodes
@@ -122,7 +128,7 @@ def _token_check(token: str):
     return check
 
 
-def create_app(captioner: Captioner, limits: Limits = Limits(), ui: bool = True,
+def create_app(captioner: Captioner | Runtime, limits: Limits = Limits(), ui: bool = True,
                auth_token: str | None = None) -> FastAPI:
     """The service's app. auth_token: when given, /v1/captions wants it as a bearer token and the UI as
     its login password; /healthz stays open for probes."""
@@ -191,7 +197,8 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error(500, f"internal error, id {error_id} in the server log", error_id=error_id)
 
 
-def _add_captions_route(app: FastAPI, captioner: Captioner, limits: Limits, preprocess, dependencies: list) -> None:
+def _add_captions_route(app: FastAPI, captioner: Captioner | Runtime, limits: Limits, preprocess,
+                        dependencies: list) -> None:
     batcher = app.state.batcher
 
     @app.post("/v1/captions", response_model=CaptionsResponse, response_model_exclude_none=True,
@@ -241,7 +248,7 @@ def _add_captions_route(app: FastAPI, captioner: Captioner, limits: Limits, prep
                             for name, r in zip(names, results)]}
 
 
-def serve(captioner: Captioner, host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits(),
+def serve(captioner: Captioner | Runtime, host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits(),
           auth_token: str | None = None):
     import uvicorn
 

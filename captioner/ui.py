@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 # The demo must work offline: no telemetry or version check calls home.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -19,8 +20,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 
 from .images import ImageError, open_image  # noqa: E402
-from .inference import Captioner  # noqa: E402
 from .limits import MAX_BEAM, MAX_LEN, MAX_N_BEST, Limits, Overloaded  # noqa: E402
+
+if TYPE_CHECKING:  # either engine: the torch Captioner or the torch-free runtime.Runtime
+    from .inference import Captioner
+    from .runtime import Runtime
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "demo" / "examples"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -43,7 +47,7 @@ def launch_options(limits: Limits = Limits(), auth_token: str | None = None) -> 
     return options
 
 
-def build_ui(captioner: Captioner, caption=None, examples: list[str] | None = None,
+def build_ui(captioner: Captioner | Runtime, caption=None, examples: list[str] | None = None,
              limits: Limits = Limits()) -> gr.Blocks:
     """The demo app around `captioner`.
 
@@ -57,7 +61,7 @@ def build_ui(captioner: Captioner, caption=None, examples: list[str] | None = No
     if caption is None:
         def caption(images: list, **decode_options) -> list:
             return captioner.caption([open_image(im, limits.max_pixels) for im in images], **decode_options)
-    defaults = captioner.config.decode
+    defaults = captioner.options()
     examples = example_images() if examples is None else examples
 
     def run_model(images: list, **decode_options) -> list:

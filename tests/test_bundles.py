@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import FLICKR8K, ROOT, requires_flickr8k
@@ -84,3 +86,44 @@ def test_what_only_torch_runs_is_served_by_torch(tiny_run, tmp_path, args):
     _, model = tiny_run
     r = captioner(tmp_path, "caption", DEMO[0], "-c", str(model), *args, torch=False)
     assert r.returncode == 2 and "pip install 'captioner[train]'" in r.stderr  # it asked for torch
+
+
+def test_serve_runs_the_bundle_without_torch_with_torch_captions(tiny_run, tmp_path):
+    """`captioner serve` on a CPU: the API and the UI answer from the cached bundle in a process without torch."""
+    import httpx
+
+    from captioner.inference import Captioner
+
+    _, model = tiny_run
+    assert captioner(tmp_path, "caption", DEMO[0], "-c", str(model)).returncode == 0  # prepares the bundle
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = NO_TORCH + RUN_CLI
+    server = subprocess.Popen([sys.executable, "-c", code, "serve", "-c", str(model), "--port", str(port)],
+                              cwd=ROOT, env={**os.environ, "CAPTIONER_CACHE": str(tmp_path)},
+                              stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stderr.read()
+            assert time.monotonic() < deadline, "captioner serve did not come up"
+            try:
+                health = httpx.get(url + "/healthz")
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert health.json() == {"status": "ok", "device": "cpu"}
+        files = [("images", (os.path.basename(p), open(p, "rb").read(), "image/jpeg")) for p in DEMO[:3]]
+        r = httpx.post(url + "/v1/captions", files=files, data={"n_best": "2"}, timeout=120)
+        assert r.status_code == 200, r.text
+        by_torch = Captioner.load(model, device="cpu").caption(DEMO[:3], n_best=2)
+        rows = r.json()["results"]  # tags once per photo, beside its n-best list
+        assert [row["captions"] for row in rows] == [[{"caption": h["caption"], "score": h["score"]} for h in hyps]
+                                                     for hyps in by_torch]
+        assert [row["tags"] for row in rows] == [hyps[0]["tags"] for hyps in by_torch]
+        assert "gradio" in httpx.get(url + "/").text.lower()
+    finally:
+        server.terminate()
+        server.wait(30)
