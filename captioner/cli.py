@@ -125,7 +125,7 @@ def cmd_serve(args):
                  pixels_in_flight=args.pixels_in_flight)
     limits = Limits(**{k: v for k, v in given.items() if v is not None})  # unset: the service's defaults
     cap = bundles.load(args.checkpoint, device=args.device, precision=args.precision, engine=args.engine)
-    serve(cap, host=args.host, port=args.port, limits=limits, auth_token=args.auth_token)
+    serve(cap, host=args.host, port=args.port, limits=limits, auth_token=args.auth_token, ui=args.ui)
     return 0
 
 
@@ -258,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=float, help="request body limit (default 20)")
     p.add_argument("--pixels-in-flight", type=int,
                    help="pixels decoded at once, the memory budget (default twice --max-pixels)")
+    p.add_argument("--no-ui", dest="ui", action="store_false",
+                   help="the API alone: no demo UI at /, and ready sooner (gradio is never imported)")
     p.set_defaults(func=cmd_serve)
     return parser
 

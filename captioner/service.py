@@ -249,10 +249,10 @@ def _add_captions_route(app: FastAPI, captioner: Captioner | Runtime, limits: Li
 
 
 def serve(captioner: Captioner | Runtime, host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits(),
-          auth_token: str | None = None):
+          auth_token: str | None = None, ui: bool = True):
     import uvicorn
 
     if not auth_token and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without --auth-token: anyone who can reach this port can use it "
                     "(docs/service.md, Deployment)", host)
-    uvicorn.run(create_app(captioner, limits, auth_token=auth_token), host=host, port=port)
+    uvicorn.run(create_app(captioner, limits, ui=ui, auth_token=auth_token), host=host, port=port)

@@ -88,8 +88,10 @@ def test_what_only_torch_runs_is_served_by_torch(tiny_run, tmp_path, args):
     assert r.returncode == 2 and "pip install 'captioner[train]'" in r.stderr  # it asked for torch
 
 
-def test_serve_runs_the_bundle_without_torch_with_torch_captions(tiny_run, tmp_path):
-    """`captioner serve` on a CPU: the API and the UI answer from the cached bundle in a process without torch."""
+@pytest.mark.parametrize("ui", [True, False])
+def test_serve_runs_the_bundle_without_torch_with_torch_captions(tiny_run, tmp_path, ui):
+    """`captioner serve` on a CPU: the API and the UI answer from the cached bundle in a process without torch;
+    with --no-ui, without gradio either."""
     import httpx
 
     from captioner.inference import Captioner
@@ -99,8 +101,9 @@ def test_serve_runs_the_bundle_without_torch_with_torch_captions(tiny_run, tmp_p
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    code = NO_TORCH + RUN_CLI
-    server = subprocess.Popen([sys.executable, "-c", code, "serve", "-c", str(model), "--port", str(port)],
+    code = NO_TORCH + ("" if ui else "sys.modules['gradio'] = None\n") + RUN_CLI
+    args = ["serve", "-c", str(model), "--port", str(port), *([] if ui else ["--no-ui"])]
+    server = subprocess.Popen([sys.executable, "-c", code, *args],
                               cwd=ROOT, env={**os.environ, "CAPTIONER_CACHE": str(tmp_path)},
                               stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -123,7 +126,8 @@ def test_serve_runs_the_bundle_without_torch_with_torch_captions(tiny_run, tmp_p
         assert [row["captions"] for row in rows] == [[{"caption": h["caption"], "score": h["score"]} for h in hyps]
                                                      for hyps in by_torch]
         assert [row["tags"] for row in rows] == [hyps[0]["tags"] for hyps in by_torch]
-        assert "gradio" in httpx.get(url + "/").text.lower()
+        page = httpx.get(url + "/")
+        assert "gradio" in page.text.lower() if ui else page.status_code == 404
     finally:
         server.terminate()
         server.wait(30)
