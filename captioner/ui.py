@@ -31,6 +31,16 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 MODEL_QUEUE = "captioner"  # the one Gradio concurrency group of every event that runs the model
 
 
+def upload_path(payload) -> str | None:
+    """The photo input's value for the functions: the upload's path, unopened, so that only
+    images.open_image opens it. gr.Image's own preprocessing opens every upload with Pillow first, in any
+    format and before captioner's checks: a truncated file or a bomb fails there with an error that does
+    not say why, and an image sent inline as base64 is decoded whole (refused here)."""
+    if payload is not None and payload.path is None:
+        raise gr.Error("Upload the image as a file: inline (base64) images are not accepted.")
+    return None if payload is None else payload.path
+
+
 def example_images(folder: Path = EXAMPLES_DIR) -> list[str]:
     """The demo's example photos (none when the package is installed without the repo's demo/)."""
     if not folder.is_dir():
@@ -114,6 +124,9 @@ def build_ui(captioner: Captioner | Runtime, caption=None, examples: list[str] |
                 with gr.Column():
                     image = gr.Image(type="filepath", image_mode=None, label="Photo",
                                      sources=["upload", "clipboard"], elem_id="photo")
+                    # Gradio calls the component's preprocess (a subclass of gr.Image would make Gradio
+                    # write a .pyi stub of this module beside it).
+                    image.preprocess = upload_path
                     beam = gr.Slider(1, MAX_BEAM, value=defaults.beam_size, step=1, label="Beam size")
                     n_best = gr.Slider(1, MAX_N_BEST, value=1, step=1,
                                        label="Captions shown (n-best, at most the beam size)")

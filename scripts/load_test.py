@@ -1,14 +1,16 @@
-"""Bounded load tests of the HTTP API on loopback: steady load, a burst of large images, a mixed soak.
+"""Bounded load tests of the HTTP API on loopback: steady load, bursts of large or long images, a mixed soak.
 
 Each starts `captioner serve` on a free 127.0.0.1 port (or targets --url) and
 prints requests by HTTP status, hangs (requests without an answer within
 --timeout), latency percentiles and, for a server it started, the server's peak
-resident memory (VmHWM from /proc).
+resident memory (VmHWM from /proc), which must stay within --rss-budget-mb.
 
     # steady: 16 clients x 25 requests, one photo per request
     python scripts/load_test.py --clients 16 --requests 25
     # burst: 48 clients at once, each uploading one legal 6000x6000 PNG; every answer must be 200 or 503
     python scripts/load_test.py --burst 48
+    # aspect burst: 16 clients at once, each uploading a 40000x1 PNG of 200 bytes; every answer 200, 4xx or 503
+    python scripts/load_test.py --aspect-burst 16
     # soak: 64 clients for 60 s: good photos, hostile files, large photos, uploads cut off midway
     python scripts/load_test.py --soak 60 --images '../shared/data/flickr8k/Flicker8k_Dataset/*.jpg'
     python scripts/load_test.py --url http://127.0.0.1:8000
@@ -37,6 +39,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 LARGE_SIDE = 6000  # a 36-Mpx PNG: under the service's default 40-Mpx and 20-MB limits
+RSS_BUDGET_MB = 3072  # the service's memory budget: its peak resident memory under any of these loads
 
 
 def free_port() -> int:
@@ -85,6 +88,13 @@ def large_png(photo: Path, cache: Path) -> bytes:
 def large_jpeg(photo: Path) -> bytes:
     buf = io.BytesIO()
     Image.open(photo).convert("RGB").resize((LARGE_SIDE, 4000), Image.BICUBIC).save(buf, "JPEG", quality=85)
+    return buf.getvalue()
+
+
+def long_png(length: int) -> bytes:
+    """A length x 1 PNG of a few hundred bytes: scaling its short side up to 224 would make length * 224 x 224."""
+    buf = io.BytesIO()
+    Image.new("RGB", (length, 1), (20, 120, 40)).save(buf, "PNG")
     return buf.getvalue()
 
 
@@ -185,10 +195,11 @@ async def soak(url: str, payloads, clients: int, seconds: float, timeout: float,
     return tally
 
 
-async def burst(url: str, body: bytes, clients: int, timeout: float) -> Tally:
+async def burst(url: str, kind: str, name: str, body: bytes, clients: int, timeout: float) -> Tally:
+    """`clients` requests at once, each uploading `body`."""
     tally = Tally()
     async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=httpx.Limits(max_connections=clients)) as http:
-        await asyncio.gather(*(post(http, tally, "large photo", "large.png", body, {}) for _ in range(clients)))
+        await asyncio.gather(*(post(http, tally, kind, name, body, {}) for _ in range(clients)))
     return tally
 
 
@@ -263,7 +274,12 @@ def main(argv=None) -> int:
                     help="more flags for the server started here, e.g. '--pixels-in-flight 40000000'")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--burst", type=int, metavar="CLIENTS", help="this many clients at once, one 6000x6000 PNG each")
+    mode.add_argument("--aspect-burst", type=int, metavar="CLIENTS",
+                      help="this many clients at once, one --aspect-length x 1 PNG each")
     mode.add_argument("--soak", type=float, metavar="SECONDS", help="64 clients (--clients) of mixed traffic")
+    ap.add_argument("--aspect-length", type=int, default=40_000, help="the long side of --aspect-burst's PNG")
+    ap.add_argument("--rss-budget-mb", type=float, default=RSS_BUDGET_MB,
+                    help="the most resident memory the server started here may reach (its VmHWM)")
     ap.add_argument("--clients", type=int, default=None, help="default: 16, or 64 for --soak")
     ap.add_argument("--requests", type=int, default=25, help="requests per client (steady load)")
     ap.add_argument("--images", default=str(ROOT / "demo" / "examples" / "*.jpg"), help="glob of photos to post")
@@ -273,9 +289,11 @@ def main(argv=None) -> int:
                     help="where the generated large PNG is kept between runs")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    clients = args.burst or args.clients or (64 if args.soak else 16)
-    if not 1 <= clients <= 64 or not 1 <= args.requests <= 1000 or not 0 < (args.soak or 1) <= 600:
-        ap.error("keep it bounded: 1-64 clients, 1-1000 requests each, a soak of at most 600 s")
+    clients = args.burst or args.aspect_burst or args.clients or (64 if args.soak else 16)
+    if (not 1 <= clients <= 64 or not 1 <= args.requests <= 1000 or not 0 < (args.soak or 1) <= 600
+            or not 1 <= args.aspect_length <= 10_000_000):
+        ap.error("keep it bounded: 1-64 clients, 1-1000 requests each, a soak of at most 600 s, "
+                 "an --aspect-length of at most 10 million")
     photos = sorted(Path(p) for p in glob.glob(args.images))
     if not photos:
         ap.error(f"no images match {args.images}")
@@ -287,6 +305,9 @@ def main(argv=None) -> int:
         large = large_png(photos[0], cache)
         print(f"each client uploads {photos[0].name} scaled to {LARGE_SIDE}x{LARGE_SIDE} PNG, "
               f"{len(large) / 1e6:.1f} MB")
+    elif args.aspect_burst:
+        strip = long_png(args.aspect_length)
+        print(f"each client uploads a {args.aspect_length}x1 PNG of {len(strip)} bytes")
 
     proc, url = (None, args.url) if args.url else start_server(args.checkpoint, shlex.split(args.serve_args))
     try:
@@ -299,18 +320,24 @@ def main(argv=None) -> int:
             tally = asyncio.run(soak(url, payloads, clients, args.soak, args.timeout, args.seed))
             expected = {k: v[2] for k, v in payloads.items()}
         elif args.burst:
-            tally = asyncio.run(burst(url, large, clients, args.timeout))
+            tally = asyncio.run(burst(url, "large photo", "large.png", large, clients, args.timeout))
             expected = {"large photo": {200, 503}}
+        elif args.aspect_burst:
+            tally = asyncio.run(burst(url, "long strip", "strip.png", strip, clients, args.timeout))
+            expected = {"long strip": {200, 503, *range(400, 500)}}
         else:
             tally = asyncio.run(steady(url, photos, clients, args.requests, args.beam, args.timeout))
             expected = {"photo": {200}}
         wall = time.perf_counter() - t0
         print(f"{clients} clients" + (f", {args.soak:g} s soak" if args.soak else ""))
         wrong = report(tally, wall, expected)
+        ok = True
         if proc:
             mem = memory_mb(proc.pid)
-            print(f"server memory: peak {mem['VmHWM']:.0f} MB (VmHWM), now {mem['VmRSS']:.0f} MB")
-        ok = check_afterwards(url, photos[0], first)
+            ok = mem["VmHWM"] <= args.rss_budget_mb
+            print(f"server memory: peak {mem['VmHWM']:.0f} MB (VmHWM), now {mem['VmRSS']:.0f} MB; budget "
+                  f"{args.rss_budget_mb:.0f} MB" + ("" if ok else "  OVER BUDGET"))
+        ok = check_afterwards(url, photos[0], first) and ok
     finally:
         if proc:
             proc.terminate()

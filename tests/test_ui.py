@@ -201,3 +201,16 @@ def test_ui_deletes_uploads_after_their_age(captioner, photo_200x100, tmp_path):
         assert not any(p.exists() for p in uploads)
     finally:
         ui.close()
+
+
+def test_the_photo_input_hands_over_the_upload_unopened_and_refuses_inline_images(captioner):
+    import gradio as gr
+    from gradio.data_classes import ImageData
+
+    from captioner.ui import build_ui
+
+    photo = next(b for b in build_ui(captioner, examples=[]).blocks.values() if getattr(b, "elem_id", "") == "photo")
+    assert photo.preprocess(ImageData(path="/uploads/not_even_there.eps")) == "/uploads/not_even_there.eps"
+    assert photo.preprocess(None) is None
+    with pytest.raises(gr.Error, match="base64"):
+        photo.preprocess(ImageData(url="data:image/png;base64,iVBORw0KGgo="))
