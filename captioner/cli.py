@@ -43,14 +43,14 @@ def cmd_caption(args):
 
 
 def cmd_caption_dir(args):
+    from . import bundles
     from .folder import DEFAULT_EXTS, caption_dir, resolve_shard
-    from .inference import Captioner
 
     index, count, source = resolve_shard(args.shard)  # before loading the model: a typo fails fast
     if count > 1:
         print(f"caption-dir: shard {index}/{count} (from {source})", file=sys.stderr)
     out = args.out.replace("{shard}", f"{index}-of-{count}")
-    cap = Captioner.load(args.checkpoint, device=args.device, precision=args.precision, engine=args.engine)
+    cap = bundles.load(args.checkpoint, device=args.device, precision=args.precision, engine=args.engine)
     exts = args.ext.split(",") if args.ext else DEFAULT_EXTS
     s = caption_dir(cap, args.dir, out, recursive=args.recursive, exts=exts,
                     batch_size=args.batch_size, workers=args.workers, shard_spec=(index, count),

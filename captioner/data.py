@@ -15,14 +15,12 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
 from .config import DataConfig
-from .images import ImageError
 from .vocab import Vocab
 
 
@@ -256,38 +254,18 @@ def image_input(source, i: int) -> torch.Tensor:
     return torch.from_numpy(x.astype(np.float32)) if isinstance(x, np.ndarray) else x
 
 
-class FileItem(NamedTuple):
-    name: str
-    pixels: torch.Tensor | None
-    error: str | None  # why the file could not be read
-
-
 class ImageFiles(Dataset):
     """Image files opened and preprocessed one per item (in DataLoader workers, when there are some).
+    A file that cannot be read raises: training and feature caches need every image."""
 
-    A file that cannot be read raises: training and feature caches need every image. With
-    keep_errors=True it becomes FileItem(name, None, why) instead, for the caller to report
-    (caption-dir, evaluate): one odd file never ends a batch run. Items are then FileItems,
-    named by `names` (default: the paths as given).
-    """
-
-    def __init__(self, paths: list, preprocess: Callable[[Path], torch.Tensor], *, keep_errors: bool = False,
-                 names: list[str] | None = None):
-        self.paths, self.preprocess, self.keep_errors = list(paths), preprocess, keep_errors
-        self.names = names or [str(p) for p in self.paths]
+    def __init__(self, paths: list, preprocess: Callable[[Path], torch.Tensor]):
+        self.paths, self.preprocess = list(paths), preprocess
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
-        if not self.keep_errors:
-            return self.preprocess(self.paths[i])
-        try:
-            return FileItem(self.names[i], self.preprocess(self.paths[i]), None)
-        except ImageError as e:
-            return FileItem(self.names[i], None, str(e) or "cannot read image")
-        except Exception as e:  # a decoder bug on one odd file must not end the whole run
-            return FileItem(self.names[i], None, f"cannot read image: {type(e).__name__}: {e}")
+        return self.preprocess(self.paths[i])
 
 
 class LengthBatches(Sampler):

@@ -1,8 +1,9 @@
 """Captioning a folder: every image file gets exactly one output row, at the speed of the encoder.
 
-DataLoader worker processes open and preprocess the images (`Captioner.preprocess`)
-while the main process runs the batched encoder and beam search. A file that cannot
-be read becomes an error row; it never stops the batch.
+Worker processes open and preprocess the images (the model's `preprocess`) while the
+main process runs the batched encoder and beam search. A file that cannot be read
+becomes an error row; it never stops the batch, not even when it kills the worker
+reading it. Nothing here needs torch: on a CPU the model is the torch-free runtime.
 
 The output (.jsonl or .csv) is appended and fsync'd once per batch, so a run that is
 killed loses at most the batch in flight. A rerun with the same output reads the
@@ -16,29 +17,36 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import ctypes
 import errno
 import fcntl
 import hashlib
 import io
 import json
+import multiprocessing
 import os
+import signal
 import socket
 import sys
 import threading
 import warnings
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .config import DecodeConfig
-from .data import FileItem, ImageFiles
 from .files import fsync_dir, write_atomic
-from .inference import Captioner
+from .images import ImageError
 from .output import csv_text, csv_text_value
+
+if TYPE_CHECKING:  # either engine: the torch Captioner or the torch-free runtime.Runtime
+    from .inference import Captioner
+    from .runtime import Runtime
 
 DEFAULT_EXTS = ("jpg", "jpeg", "png", "gif", "bmp", "webp", "tif", "tiff")
 CSV_COLUMNS = ["image", "caption", "score", "error", "tags"]  # tags: "noun:prob" pairs, space-separated
@@ -138,8 +146,8 @@ _HELD_CHANGED = threading.Condition()
 def exclusive(out: Path, wait: bool = False):
     """Hold an exclusive lock on `out` for the whole run, through `<out>.lock` beside it.
 
-    A POSIX record lock (fcntl), not flock: it belongs to this process alone, so the DataLoader
-    workers it forks hold no share of it, and the kernel drops it the moment the process dies,
+    A POSIX record lock (fcntl), not flock: it belongs to this process alone, so the reader
+    processes it forks hold no share of it, and the kernel drops it the moment the process dies,
     also by kill -9 while its workers live on: a crashed run never blocks its own resume.
     The lock file stays after the run: deleting it would let a run that opened it just
     before lock a file that no longer exists, beside a newer run that locks a new one.
@@ -319,21 +327,91 @@ def _append(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def _background_worker(_worker_id: int) -> None:
+class FileItem(NamedTuple):
+    name: str
+    pixels: Any  # the model's preprocessed input, None when the file could not be read
+    error: str | None  # why the file could not be read
+
+
+def read_file(preprocess: Callable, path: Path, name: str) -> FileItem:
+    """One file, preprocessed; a file that cannot be read becomes FileItem(name, None, why), never an exception."""
+    try:
+        return FileItem(name, preprocess(path), None)
+    except ImageError as e:
+        return FileItem(name, None, str(e) or "cannot read image")
+    except Exception as e:  # a decoder bug on one odd file must not end the whole run
+        return FileItem(name, None, f"cannot read image: {type(e).__name__}: {e}")
+
+
+_preprocess: Callable | None = None  # a reader process's preprocess, inherited when the pool forks
+
+
+def _start_reader(preprocess: Callable, parent: int) -> None:
+    global _preprocess
+    _preprocess = preprocess
+    # A reader must not outlive a run killed with kill -9: Linux kills it with its parent.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
+    torch = sys.modules.get("torch")
+    if torch is not None:  # a torch Captioner's preprocess: a forked OpenMP pool would hang, so one thread
+        torch.set_num_threads(1)
     # The encoder's threads are the bottleneck and wait on each other at every parallel
-    # region: a decode worker that preempts one of them stalls them all. At low priority
-    # the workers run in the gaps instead (they need ~1 ms of CPU per photo).
+    # region: a reader that preempts one of them stalls them all. At low priority the
+    # readers run in the gaps instead (they need ~1 ms of CPU per photo).
     os.nice(10)
 
 
-class FileBatch(NamedTuple):
-    items: list[FileItem]
-    pixels: torch.Tensor | None  # the readable items' tensors, stacked in item order
+def _read_job(job: list[tuple[Path, str]]) -> list[FileItem]:
+    return [read_file(_preprocess, path, name) for path, name in job]
 
 
-def collate_files(items: list[FileItem]) -> FileBatch:
-    ok = [it.pixels for it in items if it.pixels is not None]
-    return FileBatch(items, torch.stack(ok) if ok else None)
+class Readers:
+    """Batches of files read by `workers` forked processes, in order, at most two per worker ahead.
+
+    A reader that dies on a file (a decoder crash, the OOM killer) breaks the pool: the
+    batches in flight are read again file by file in a fresh pool, and the file that
+    kills its reader again becomes an error row."""
+
+    def __init__(self, preprocess: Callable, workers: int):
+        self.preprocess, self.workers = preprocess, workers
+        self.pool = self._new_pool()
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(self.workers, multiprocessing.get_context("fork"), initializer=_start_reader,
+                                   initargs=(self.preprocess, os.getpid()))
+
+    def __call__(self, jobs: list[list[tuple[Path, str]]]) -> Iterator[list[FileItem]]:
+        todo, ahead = iter(jobs), deque()
+        try:
+            while True:
+                while len(ahead) < 2 * self.workers and (job := next(todo, None)) is not None:
+                    ahead.append((job, self.pool.submit(_read_job, job)))
+                if not ahead:
+                    return
+                job, future = ahead.popleft()
+                try:
+                    items = future.result()
+                except BrokenProcessPool:
+                    self._renew()
+                    items = [self._read_alone(path, name) for path, name in job]
+                    ahead = deque((j, self.pool.submit(_read_job, j)) for j, _ in ahead)
+                yield items
+        finally:
+            self.pool.shutdown(cancel_futures=True)
+
+    def _renew(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
+        self.pool = self._new_pool()
+
+    def _read_alone(self, path: Path, name: str) -> FileItem:
+        try:
+            return self.pool.submit(_read_job, [(path, name)]).result()[0]
+        except BrokenProcessPool:
+            self._renew()
+            return FileItem(name, None, "cannot read image: the process reading it died (out of memory, or a "
+                                        "decoder crash)")
 
 
 class Summary(NamedTuple):
@@ -344,7 +422,7 @@ class Summary(NamedTuple):
     retried: int = 0  # error rows from earlier runs that this run tried again
 
 
-def caption_dir(captioner: Captioner, root: str | Path, out: str | Path, *, recursive: bool = False,
+def caption_dir(captioner: Captioner | Runtime, root: str | Path, out: str | Path, *, recursive: bool = False,
                 exts=DEFAULT_EXTS, batch_size: int = 32, workers: int = 2, shard_spec: tuple[int, int] = (0, 1),
                 retry_errors: bool = False, wait: bool = False, progress: bool = True,
                 options: DecodeConfig | None = None) -> Summary:
@@ -353,7 +431,7 @@ def caption_dir(captioner: Captioner, root: str | Path, out: str | Path, *, recu
     Rows: {"image": relative path, "caption", "score", "tags"} or {"image", "error"}.
     retry_errors: images whose row is an error are tried again; the new row replaces it.
     wait: when another run is writing `out`, wait for it to end instead of raising OutputLocked.
-    options: decoding settings (`Captioner.options(...)`; None: the model's own).
+    options: decoding settings (the model's `options(...)`; None: the model's own).
     """
     root = Path(root)
     output = OutputFile(out)
@@ -371,7 +449,7 @@ def caption_dir(captioner: Captioner, root: str | Path, out: str | Path, *, recu
     return Summary(**summary)
 
 
-def _caption_files(captioner: Captioner, root: Path, names: list[str], output: OutputFile, summary: dict, *,
+def _caption_files(captioner: Captioner | Runtime, root: Path, names: list[str], output: OutputFile, summary: dict, *,
                    batch_size: int, workers: int, progress: bool, options: DecodeConfig | None) -> None:
     with tqdm(total=summary["total"], initial=summary["skipped"], unit="img", desc="caption-dir",
               disable=not progress, dynamic_ncols=True) as bar:
@@ -393,20 +471,23 @@ def _csv_cell(row: dict, column: str) -> str:
     return value if column in CSV_NUMBERS else csv_text(value)
 
 
-def caption_files(captioner: Captioner, root: Path, names: list[str], options: DecodeConfig | None = None, *,
-                  batch_size: int = 32, workers: int = 2) -> Iterator[list[tuple[str, list[dict] | None, str | None]]]:
+Row = tuple[str, list[dict] | None, str | None]  # (name, formatted hypotheses or None, error or None)
+
+
+def caption_files(captioner: Captioner | Runtime, root: Path, names: list[str], options: DecodeConfig | None = None,
+                  *, batch_size: int = 32, workers: int = 2) -> Iterator[list[Row]]:
     """Per batch, each file's (name, formatted hypotheses or None, error or None), in order.
 
-    DataLoader workers open and preprocess the files (an unreadable one becomes an error,
+    Reader processes open and preprocess the files (an unreadable one becomes an error,
     never an exception) while this process encodes and decodes the readable ones.
     caption-dir and evaluate both caption through here.
     """
-    files = ImageFiles([root / n for n in names], captioner.preprocess, keep_errors=True, names=names)
-    loader = DataLoader(files, batch_size=batch_size, num_workers=workers,
-                        collate_fn=collate_files, pin_memory=captioner.device.type == "cuda",
-                        worker_init_fn=_background_worker)
-    for batch in loader:
-        found = iter([])
-        if batch.pixels is not None:
-            found = iter(captioner.describe(captioner.encode(batch.pixels), options))
-        yield [(it.name, None, it.error) if it.pixels is None else (it.name, next(found), None) for it in batch.items]
+    jobs = [[(root / n, n) for n in names[i:i + batch_size]] for i in range(0, len(names), batch_size)]
+    if workers:
+        batches = Readers(captioner.preprocess, workers)(jobs)
+    else:
+        batches = ([read_file(captioner.preprocess, path, name) for path, name in job] for job in jobs)
+    for items in batches:
+        ok = [it.pixels for it in items if it.pixels is not None]
+        found = iter(captioner.describe(captioner.encode(captioner.stack(ok)), options) if ok else [])
+        yield [(it.name, None, it.error) if it.pixels is None else (it.name, next(found), None) for it in items]

@@ -100,6 +100,11 @@ class Captioner:
         """Any path / bytes / PIL image -> the encoder's input tensor (raises images.ImageError)."""
         return self.encoder.preprocess(image)
 
+    @staticmethod
+    def stack(pixels: list[torch.Tensor]) -> torch.Tensor:
+        """Preprocessed images -> the batch `encode` takes."""
+        return torch.stack(pixels)
+
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels (B, 3, H, W) -> features (B, width), run by this Captioner's engine."""
         if self._run_encoder is None:

@@ -18,8 +18,6 @@ from concurrent.futures import Future
 from dataclasses import astuple, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from .config import DecodeConfig
 from .limits import Limits, Overloaded
 
@@ -108,7 +106,7 @@ class Batcher:
             pixels = [p for j in jobs for p in j.pixels]
             results = []
             for i in range(0, len(pixels), self.max_batch):
-                batch = _stack(pixels[i:i + self.max_batch])
+                batch = cap.stack(pixels[i:i + self.max_batch])
                 results += cap.describe(cap.encode(batch), options)
         except Exception as e:  # an invalid option, a malformed tensor...: fail only the job at fault
             if len(jobs) > 1:
@@ -121,11 +119,3 @@ class Batcher:
             j.future.set_result(results[:len(j.pixels)])
             results = results[len(j.pixels):]
 
-
-def _stack(pixels: list):
-    """One batch of preprocessed images, as the engine that made them stacks them."""
-    if isinstance(pixels[0], np.ndarray):
-        return np.stack(pixels)
-    import torch  # only a torch Captioner's tensors get here, so torch is already loaded
-
-    return torch.stack(pixels)

@@ -149,6 +149,11 @@ class Runtime:
         pixels = pixels.transpose(2, 0, 1).astype(np.float32) / np.float32(255)
         return (pixels - self._mean) / self._std
 
+    @staticmethod
+    def stack(pixels: list[np.ndarray]) -> np.ndarray:
+        """Preprocessed images -> the batch `encode` takes."""
+        return np.stack(pixels)
+
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         """Pixels (B, 3, H, W) -> features (B, width)."""
         return self.encoder.run(None, {"pixels": np.ascontiguousarray(pixels, np.float32)})[0]

@@ -131,3 +131,21 @@ def test_serve_runs_the_bundle_without_torch_with_torch_captions(tiny_run, tmp_p
     finally:
         server.terminate()
         server.wait(30)
+
+
+def test_caption_dir_runs_the_bundle_without_torch_with_torch_captions(tiny_run, tmp_path):
+    _, model = tiny_run
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for p in DEMO:
+        (photos / os.path.basename(p)).write_bytes(open(p, "rb").read())
+    (photos / "broken.jpg").write_bytes(b"not a photo")
+    args = ["caption-dir", str(photos), "-c", str(model), "--workers", "2"]
+    by_torch = captioner(tmp_path, *args, "--out", str(tmp_path / "torch.jsonl"), "--engine", "torch")
+    assert by_torch.returncode == 0, by_torch.stderr
+    captioner(tmp_path, "caption", DEMO[0], "-c", str(model))  # prepares the bundle
+    served = captioner(tmp_path, *args, "--out", str(tmp_path / "bundle.jsonl"), torch=False)
+    assert served.returncode == 0, served.stderr
+    rows = (tmp_path / "bundle.jsonl").read_text().splitlines()
+    assert rows == (tmp_path / "torch.jsonl").read_text().splitlines() and len(rows) == len(DEMO) + 1
+    assert '"error"' in next(r for r in rows if "broken.jpg" in r)

@@ -489,3 +489,21 @@ def test_csv_cells_open_as_text_in_a_spreadsheet_and_resume_by_their_real_names(
     # The resume reads the names back as they are on disk: nothing is captioned twice.
     summary = caption_dir(captioner, photos, out, workers=0, progress=False)
     assert summary.skipped == 7 and summary.captioned == 0
+
+
+def _die_on_poison(path):
+    if path.name == "poison.png":
+        os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer ends a process
+    return path.name.upper()
+
+
+def test_a_reader_killed_by_one_file_makes_that_files_error_row_and_the_run_goes_on(tmp_path):
+    from captioner.folder import Readers
+
+    names = ["a.png", "b.png", "poison.png", "c.png", "d.png", "e.png", "f.png"]
+    jobs = [[(tmp_path / n, n) for n in names[i:i + 2]] for i in range(0, len(names), 2)]
+    items = [it for batch in Readers(_die_on_poison, workers=2)(jobs) for it in batch]
+    assert [it.name for it in items] == names
+    assert [it.pixels for it in items if it.name != "poison.png"] == [n.upper() for n in names if n != "poison.png"]
+    poisoned = next(it for it in items if it.name == "poison.png")
+    assert poisoned.pixels is None and "the process reading it died" in poisoned.error
