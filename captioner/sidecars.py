@@ -20,10 +20,22 @@ compared before and after; if they differ the original bytes are written back (E
 """
 from __future__ import annotations
 
+import hashlib
+import io
+import os
 import re
+import struct
+import sys
+import zlib
+from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from xml.parsers import expat
 from xml.sax.saxutils import escape, quoteattr
+
+from PIL import Image, ImageSequence
+
+from .files import write_atomic
 
 RDF = "http://www.w3.org/1999/02/22-rdf-syntax-ns#"
 DC = "http://purl.org/dc/elements/1.1/"
@@ -291,3 +303,225 @@ def merge_xmp(existing: bytes | None, caption: str, tags: list[str], model: str,
     m.own("Caption", caption)
     m.own("Tags", added)
     return m.result(), kept
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def write_xmp(path: str | Path, caption: str, tags: list[str], model: str, overwrite: bool = False) -> str:
+    """Merge into the sidecar `path` (made if missing): 'written', 'unchanged', or 'kept' (someone else's
+    description stayed; the other owned fields may have changed)."""
+    path = Path(os.path.realpath(path))  # through a symlinked sidecar to its target: the link stays a link
+    old = _read(path)
+    new, kept = merge_xmp(old, caption, tags, model, overwrite)
+    if new != old:
+        write_atomic(path, new)
+    return "kept" if kept else "written" if new != old else "unchanged"
+
+
+def write_txt(path: str | Path, caption: str, overwrite: bool = False) -> str:
+    """The caption as the text file `path`: 'written', 'unchanged', or 'kept' (it says something else)."""
+    path = Path(os.path.realpath(path))
+    old = _read(path)
+    if old is not None and old.decode("utf-8", errors="replace").strip() == caption:
+        return "unchanged"
+    if old is not None and old.strip() and not overwrite:
+        return "kept"
+    write_atomic(path, caption + "\n")
+    return "written"
+
+
+JPEG_XMP = b"http://ns.adobe.com/xap/1.0/\x00"  # what starts an APP1 segment that holds XMP
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_XMP = b"XML:com.adobe.xmp\x00"  # the keyword of the iTXt chunk that holds XMP
+
+
+def _jpeg_segments(data: bytes) -> list[tuple[int, int, int]]:
+    """(marker, start, end) of each segment before the image data (the SOS segment)."""
+    pos, found = 2, []
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            raise EmbedError(f"not a JPEG marker at byte {pos}")
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xDA:
+            return found
+        end = pos + 2 + struct.unpack(">H", data[pos + 2:pos + 4])[0]
+        found.append((marker, pos, end))
+        pos = end
+    raise EmbedError("the JPEG ends before its image data")
+
+
+def _embed_jpeg(data: bytes, merge) -> tuple[bytes, bool]:
+    segments = _jpeg_segments(data)
+    xmp = next(((s, e) for m, s, e in segments if m == 0xE1 and data[s + 4:e].startswith(JPEG_XMP)), None)
+    old = data[xmp[0] + 4 + len(JPEG_XMP):xmp[1]] if xmp else None
+    packet, kept = merge(old)
+    if packet == old:
+        return data, kept
+    body = JPEG_XMP + packet
+    if len(body) + 2 > 0xFFFF:
+        raise EmbedError("the XMP packet is larger than one JPEG segment holds (64 kB)")
+    segment = b"\xff\xe1" + struct.pack(">H", len(body) + 2) + body
+    if xmp is None:  # after the leading APP0 (JFIF) and APP1 (Exif) segments, where readers look first
+        at = next((s for m, s, _ in segments if m not in (0xE0, 0xE1)), segments[-1][2] if segments else 2)
+        xmp = (at, at)
+    return data[:xmp[0]] + segment + data[xmp[1]:], kept
+
+
+def _png_chunks(data: bytes) -> list[tuple[bytes, int, int]]:
+    """(type, start, end) of each chunk up to IEND."""
+    pos, found = len(PNG_SIGNATURE), []
+    while pos + 12 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        found.append((kind, pos, pos + 12 + length))
+        pos += 12 + length
+        if kind == b"IEND":
+            return found
+    raise EmbedError("the PNG ends before its IEND chunk")
+
+
+def _itxt_text(body: bytes) -> bytes:
+    """The text of an iTXt chunk's data: keyword, compression flag and method, language, translated keyword."""
+    flag, rest = body[len(PNG_XMP)], body[len(PNG_XMP) + 2:]
+    text = rest.split(b"\x00", 2)[2]
+    return zlib.decompress(text) if flag else text
+
+
+def _embed_png(data: bytes, merge) -> tuple[bytes, bool]:
+    chunks = _png_chunks(data)
+    xmp = next(((s, e) for k, s, e in chunks if k == b"iTXt" and data[s + 8:e - 4].startswith(PNG_XMP)), None)
+    old = _itxt_text(data[xmp[0] + 8:xmp[1] - 4]) if xmp else None
+    packet, kept = merge(old)
+    if packet == old:
+        return data, kept
+    body = PNG_XMP + b"\x00\x00\x00\x00" + packet  # uncompressed, no language, no translated keyword
+    chunk = struct.pack(">I", len(body)) + b"iTXt" + body + struct.pack(">I", zlib.crc32(b"iTXt" + body))
+    if xmp is None:  # before the image data, where readers that stop at IDAT still find it
+        at = next(s for k, s, _ in chunks if k in (b"IDAT", b"IEND"))
+        xmp = (at, at)
+    return data[:xmp[0]] + chunk + data[xmp[1]:], kept
+
+
+def _pixel_digest(data: bytes) -> str:
+    """A digest of every frame's decoded pixels (a multi-picture JPEG has several)."""
+    digest = hashlib.sha256()
+    with Image.open(io.BytesIO(data)) as im:
+        for frame in ImageSequence.Iterator(im):
+            digest.update(f"{frame.mode} {frame.size}".encode())
+            digest.update(frame.tobytes())
+    return digest.hexdigest()
+
+
+def embed(path: str | Path, caption: str, tags: list[str], model: str, overwrite: bool = False) -> str:
+    """Merge the caption into the XMP inside a JPEG or PNG file, its pixels untouched: 'written',
+    'unchanged', 'kept' (as write_xmp) or 'unsupported' (another format). Raises EmbedError, the file as it was."""
+    path = Path(os.path.realpath(path))
+    data = path.read_bytes()
+    edit = _embed_jpeg if data.startswith(b"\xff\xd8\xff") else _embed_png if data.startswith(PNG_SIGNATURE) else None
+    if edit is None:
+        return "unsupported"
+    new, kept = edit(data, lambda old: merge_xmp(old, caption, tags, model, overwrite))
+    if new == data:
+        return "kept" if kept else "unchanged"
+    try:
+        before = _pixel_digest(data)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise EmbedError(f"cannot decode the image to check its pixels: {e}") from None
+    write_atomic(path, new)
+    try:
+        same = _pixel_digest(path.read_bytes()) == before
+    except (OSError, ValueError, SyntaxError):
+        same = False
+    if not same:
+        write_atomic(path, data)
+        raise EmbedError("the edited file decoded to other pixels; the original is back")
+    return "kept" if kept else "written"
+
+
+def tag_names(tags) -> list[str]:
+    """A row's keywords: its tags as JSONL holds them ([{"tag", "prob"}]) or as a CSV cell ("dog:0.8 ball:0.1")."""
+    if isinstance(tags, list):
+        return [t["tag"] for t in tags]
+    return [pair.rpartition(":")[0] for pair in (tags or "").split()]
+
+
+# atomic_path's temporary files: the target's name, a dot, mkstemp's 8 characters, ".tmp".
+_LEFTOVER = re.compile(r"(.+)\.[a-z0-9_]{8}\.tmp")
+
+
+@dataclass
+class Sidecars:
+    """What caption-dir writes besides its table, for each captioned row: sidecar files of `kinds`
+    (xmp: photo.jpg.xmp, txt: photo.txt) beside the photos or in `folder`, a mirror of their tree,
+    and with `embed` the XMP inside the JPEG and PNG files themselves."""
+    kinds: tuple[str, ...] = ()
+    folder: Path | None = None
+    overwrite: bool = False
+    embed: bool = False
+    model: str = ""  # recorded in each packet: which model made the caption
+    counts: Counter = field(default_factory=Counter)
+    clashes: set[Path] = field(default_factory=set)  # txt files two photos would share: left unwritten
+
+    def paths(self, root: Path, name: str) -> dict[str, Path]:
+        base = Path(self.folder or root) / name
+        return {k: base.with_name(base.name + ".xmp") if k == "xmp" else base.with_suffix(".txt") for k in self.kinds}
+
+    def prepare(self, root: Path, names: list[str]) -> None:
+        """Before a run: find the txt files two photos would share (photo.jpg and photo.png), and remove the
+        temporary files a killed run left beside the files it writes."""
+        owners: dict[Path, str] = {}
+        mine: dict[Path, set[str]] = {}
+        for name in names:
+            paths = list(self.paths(root, name).values()) + ([root / name] if self.embed else [])
+            for path in paths:
+                mine.setdefault(path.parent, set()).add(path.name)
+                if path.suffix == ".txt" and owners.setdefault(path, name) != name:
+                    self.clashes.add(path)
+                    _warn(f"{owners[path]} and {name} would share {path}: neither gets it (rename one)")
+        for folder, files in mine.items():
+            for entry in os.listdir(folder) if folder.is_dir() else []:
+                match = _LEFTOVER.fullmatch(entry)
+                if match and match.group(1) in files:
+                    (folder / entry).unlink(missing_ok=True)
+
+    def write(self, root: Path, row: dict, done: bool = False) -> dict:
+        """The sidecars of one row, and its caption embedded; returns the row, with an error where embedding
+        failed (for a row of an earlier run, `done`, the failure is only reported)."""
+        if not row.get("caption"):
+            return row
+        caption, tags = row["caption"], tag_names(row.get("tags"))
+        for kind, path in self.paths(root, row["image"]).items():
+            if path in self.clashes:
+                continue
+            try:
+                status = (write_xmp(path, caption, tags, self.model, self.overwrite) if kind == "xmp"
+                          else write_txt(path, caption, self.overwrite))
+            except (SidecarError, OSError) as e:
+                status = "failed"
+                _warn(f"cannot write {path}: {e}")
+            self.counts[f"{kind} {status}"] += 1
+            if status == "kept":
+                _warn(f"{path} keeps the words someone else wrote there (--overwrite replaces them)")
+        if self.embed and not (done and row.get("error")):
+            try:
+                self.counts[f"embedded {embed(root / row['image'], caption, tags, self.model, self.overwrite)}"] += 1
+            except (EmbedError, SidecarError, OSError) as e:
+                self.counts["embedded failed"] += 1
+                if not done:
+                    return {**row, "error": f"embed: {e}"}
+                _warn(f"cannot embed the caption in {row['image']}: {e}")
+        return row
+
+    def report(self) -> str:
+        return ", ".join(f"{kind}: {n}" for kind, n in sorted(self.counts.items()))
+
+
+def _warn(message: str) -> None:
+    print(f"caption-dir: {message}", file=sys.stderr)
