@@ -13,8 +13,8 @@ from PIL import Image
 from test_folder import ROOT, caption_dir_command, parent_killed_mid_run, photo_folder, read_jsonl
 
 from captioner import cli
-from captioner.folder import caption_dir
-from captioner.sidecars import NS, EmbedError, Sidecars, embed, merge_xmp, parse_xmp, write_txt
+from captioner.folder import OutputFile, caption_dir
+from captioner.sidecars import NS, EmbedError, Sidecars, embed, merge_xmp, parse_xmp, tag_names, write_txt
 
 EXAMPLES = ROOT / "demo" / "examples"
 needs_exiftool = pytest.mark.skipif(shutil.which("exiftool") is None, reason="exiftool is not installed "
@@ -297,3 +297,23 @@ def test_alt_text_fills_the_three_empty_ones_and_leaves_every_other_byte(tiny_ch
     assert page.read_bytes() == expected
     assert cli.main([*args, "--in-place"]) == 0 and page.read_bytes() == expected  # nothing left to fill
     assert b"0 filled, 5 already had alt text" in capsysbinary.readouterr().err
+
+
+def test_sidecars_asked_for_later_come_from_the_table_without_captioning_again(captioner, tmp_path, capsys):
+    folder = photos(tmp_path / "photos")
+    out = tmp_path / "out.csv"
+    caption_dir(captioner, folder, out, workers=0, progress=False)
+    (folder / "cat.jpg.xmp").write_text("<x:xmpmeta>not closed")  # someone's broken file: left as it is
+    Image.open(EXAMPLES / "cat.jpg").save(folder / "cat.png")  # cat.jpg and cat.png would share cat.txt
+    sidecars = Sidecars(kinds=("xmp", "txt"), model="m.pt")
+    summary = caption_dir(captioner, folder, out, workers=0, progress=False, sidecars=sidecars)
+    assert summary.captioned == 1 and summary.skipped == 4  # only the new cat.png
+    assert (folder / "cat.jpg.xmp").read_text() == "<x:xmpmeta>not closed"
+    assert not (folder / "cat.txt").exists() and (folder / "coffee.txt").is_file()
+    err = capsys.readouterr().err
+    assert "cat.jpg.xmp: the XMP packet is not well-formed" in err and "would share" in err
+    assert sidecars.counts["xmp failed"] == 1 and sidecars.counts["xmp written"] == 4
+    rows = {r["image"]: r for r in OutputFile(out).rows()}
+    packet = merge_xmp((folder / "coffee.jpg.xmp").read_bytes(), rows["coffee.jpg"]["caption"],
+                       tag_names(rows["coffee.jpg"]["tags"]), "m.pt")
+    assert packet == ((folder / "coffee.jpg.xmp").read_bytes(), False)  # the CSV's caption and tags, exactly
