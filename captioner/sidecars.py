@@ -41,7 +41,6 @@ RDF = "http://www.w3.org/1999/02/22-rdf-syntax-ns#"
 DC = "http://purl.org/dc/elements/1.1/"
 NS = "https://captioner.invalid/ns/xmp/1.0/"  # the project's own fields (.invalid: a name, never fetched)
 XML_LANG = "http://www.w3.org/XML/1998/namespace lang"
-KINDS = ("xmp", "txt")
 SKELETON = (b'<?xpacket begin="\xef\xbb\xbf" id="W5M0MpCehiHzreSzNTczkc9d"?>\n'
             b'<x:xmpmeta xmlns:x="adobe:ns:meta/">\n <rdf:RDF xmlns:rdf="' + RDF.encode() + b'">\n'
             b' </rdf:RDF>\n</x:xmpmeta>\n<?xpacket end="w"?>\n')
@@ -127,10 +126,6 @@ def parse_xmp(data: bytes) -> Node:
     return root
 
 
-def _prefix(raw: bytes) -> bytes:
-    return raw.partition(b":")[0] + b":" if b":" in raw else b""
-
-
 def _indent(data: bytes, pos: int) -> bytes:
     line = data[data.rfind(b"\n", 0, pos) + 1:pos]
     return line if not line.strip() else b" "
@@ -145,13 +140,13 @@ def _cut(data: bytes, node: Node) -> tuple[int, int, bytes]:
 
 
 def _element(qname: bytes, rdf: bytes, indent: bytes, *, text: str | None = None, container: bytes = b"",
-             items: list[bytes] = (), declare: bytes = b"") -> bytes:
+             items: list[bytes] = ()) -> bytes:
     """<qname>text</qname>, or <qname><rdf:Container> items </rdf:Container></qname>, indented."""
     if text is not None:
-        return b"<" + qname + declare + b">" + escape(text).encode() + b"</" + qname + b">"
+        return b"<" + qname + b">" + escape(text).encode() + b"</" + qname + b">"
     inner, box = indent + b" ", rdf + container
     lines = b"".join(b"\n" + inner + b" " + item for item in items)
-    return (b"<" + qname + declare + b">\n" + inner + b"<" + box + b">" + lines + b"\n" + inner + b"</" + box
+    return (b"<" + qname + b">\n" + inner + b"<" + box + b">" + lines + b"\n" + inner + b"</" + box
             + b">\n" + indent + b"</" + qname + b">")
 
 
@@ -389,9 +384,12 @@ def _png_chunks(data: bytes) -> list[tuple[bytes, int, int]]:
 
 def _itxt_text(body: bytes) -> bytes:
     """The text of an iTXt chunk's data: keyword, compression flag and method, language, translated keyword."""
-    flag, rest = body[len(PNG_XMP)], body[len(PNG_XMP) + 2:]
-    text = rest.split(b"\x00", 2)[2]
-    return zlib.decompress(text) if flag else text
+    try:
+        flag, rest = body[len(PNG_XMP)], body[len(PNG_XMP) + 2:]
+        text = rest.split(b"\x00", 2)[2]
+        return zlib.decompress(text) if flag else text
+    except (IndexError, zlib.error) as e:
+        raise EmbedError(f"the PNG's XMP chunk is damaged ({e})") from None
 
 
 def _embed_png(data: bytes, merge) -> tuple[bytes, bool]:
