@@ -14,7 +14,17 @@ from test_folder import ROOT, caption_dir_command, parent_killed_mid_run, photo_
 
 from captioner import cli
 from captioner.folder import OutputFile, caption_dir
-from captioner.sidecars import NS, EmbedError, Sidecars, embed, merge_xmp, parse_xmp, tag_names, write_txt
+from captioner.sidecars import (
+    NS,
+    EmbedError,
+    Sidecars,
+    embed,
+    merge_xmp,
+    parse_xmp,
+    tag_names,
+    write_txt,
+    write_xmp,
+)
 
 EXAMPLES = ROOT / "demo" / "examples"
 needs_exiftool = pytest.mark.skipif(shutil.which("exiftool") is None, reason="exiftool is not installed "
@@ -317,3 +327,21 @@ def test_sidecars_asked_for_later_come_from_the_table_without_captioning_again(c
     packet = merge_xmp((folder / "coffee.jpg.xmp").read_bytes(), rows["coffee.jpg"]["caption"],
                        tag_names(rows["coffee.jpg"]["tags"]), "m.pt")
     assert packet == ((folder / "coffee.jpg.xmp").read_bytes(), False)  # the CSV's caption and tags, exactly
+
+
+@pytest.mark.skipif(shutil.which("exiv2") is None, reason="exiv2 is not installed (Debian: exiv2)")
+def test_a_sidecar_exiv2_rewrote_still_reads_and_its_caption_is_still_captioners(tmp_path):
+    """exiv2 (digiKam's library) reads the sidecar, and rewriting it folds everything into one
+    rdf:Description with simple fields as attributes; the next caption still replaces captioner's own."""
+    sidecar = tmp_path / "photo.jpg.xmp"
+    assert write_xmp(sidecar, "a small white cat", ["cat"], "m.pt") == "written"
+    subprocess.run(["exiv2", "-M", "set Xmp.xmp.Rating 4", "-M", "set Xmp.dc.creator Ann", str(sidecar)], check=True)
+    assert b'captioner:Caption="a small white cat"' in sidecar.read_bytes()  # now an attribute
+    assert write_xmp(sidecar, "a black cat on a sofa", ["cat", "sofa"], "m2.pt") == "written"
+    assert write_xmp(sidecar, "a black cat on a sofa", ["cat", "sofa"], "m2.pt") == "unchanged"
+    printed = subprocess.run(["exiv2", "-px", str(sidecar)], capture_output=True, text=True, check=True).stdout
+    fields = {line.split()[0]: line.split(None, 3)[3] for line in printed.splitlines()}
+    assert fields["Xmp.dc.description"] == 'lang="x-default" a black cat on a sofa'
+    assert (fields["Xmp.dc.subject"], fields["Xmp.xmp.Rating"], fields["Xmp.dc.creator"]) == ("cat, sofa", "4", "Ann")
+    assert (fields["Xmp.captioner.Caption"], fields["Xmp.captioner.Model"]) == ("a black cat on a sofa", "m2.pt")
+    assert printed.count("Xmp.captioner.Caption") == 1
