@@ -351,7 +351,8 @@ def caption_dir(captioner: Captioner, root: str | Path, out: str | Path, *, recu
                 options: DecodeConfig | None = None, sidecars: Sidecars | None = None) -> Summary:
     """Caption every image file under `root` into `out` (.jsonl or .csv), resuming what is there.
 
-    Rows: {"image": relative path, "caption", "score", "tags"} or {"image", "error"}.
+    Rows: {"image": relative path, "caption", "score", "tags"} or {"image", "error"}; with the caption and
+    an "error" too where embedding it failed (sidecars.embed).
     retry_errors: images whose row is an error are tried again; the new row replaces it.
     wait: when another run is writing `out`, wait for it to end instead of raising OutputLocked.
     options: decoding settings (`Captioner.options(...)`; None: the model's own).
