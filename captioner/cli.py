@@ -42,6 +42,23 @@ def cmd_caption(args):
     return print_captions(cap.caption, args.images, n_best=args.n_best, as_json=args.json, **decode_options(args))
 
 
+def _sidecars(args):
+    """caption-dir's --sidecar, --sidecar-dir, --embed and --overwrite as a sidecars.Sidecars (None: none asked)."""
+    from pathlib import Path
+
+    from .files import DEFAULT_CHECKPOINT, file_sha256
+    from .sidecars import Sidecars
+
+    if not (args.sidecar or args.embed):
+        if args.sidecar_dir or args.overwrite:
+            raise ValueError("--sidecar-dir and --overwrite go with --sidecar or --embed")
+        return None
+    checkpoint = Path(args.checkpoint or DEFAULT_CHECKPOINT)
+    folder = Path(args.sidecar_dir) if args.sidecar_dir else None
+    return Sidecars(kinds=tuple(dict.fromkeys(args.sidecar)), folder=folder, overwrite=args.overwrite, embed=args.embed,
+                    model=f"{checkpoint.name} sha256:{file_sha256(checkpoint)[:16]}")
+
+
 def cmd_caption_dir(args):
     from . import bundles
     from .folder import DEFAULT_EXTS, caption_dir, resolve_shard
@@ -50,15 +67,38 @@ def cmd_caption_dir(args):
     if count > 1:
         print(f"caption-dir: shard {index}/{count} (from {source})", file=sys.stderr)
     out = args.out.replace("{shard}", f"{index}-of-{count}")
+    sidecars = _sidecars(args)
     cap = bundles.load(args.checkpoint, device=args.device, precision=args.precision, engine=args.engine)
     exts = args.ext.split(",") if args.ext else DEFAULT_EXTS
     s = caption_dir(cap, args.dir, out, recursive=args.recursive, exts=exts,
                     batch_size=args.batch_size, workers=args.workers, shard_spec=(index, count),
-                    retry_errors=args.retry_errors, wait=args.wait, options=cap.options(**decode_options(args)))
+                    retry_errors=args.retry_errors, wait=args.wait, options=cap.options(**decode_options(args)),
+                    sidecars=sidecars)
     retried = f" ({s.retried} of them retried error rows)" if s.retried else ""
     print(f"{s.total} images: {s.captioned} captioned, {s.errors} errors{retried}, {s.skipped} already in {out}",
           file=sys.stderr)
+    if sidecars:
+        print(f"sidecars and embedding: {sidecars.report() or 'nothing to write'}", file=sys.stderr)
     return 0
+
+
+def cmd_alt_text(args):
+    from . import bundles
+    from .alttext import fill_alt_text
+    from .config import DecodeConfig
+    from .files import write_atomic
+
+    DecodeConfig().replace(**decode_options(args))
+    cap = bundles.load(args.checkpoint, device=args.device, precision=args.precision, engine=args.engine)
+    page, report = fill_alt_text(args.page, lambda path: cap.caption(path, **decode_options(args))["caption"])
+    if args.in_place:
+        if report.filled:
+            write_atomic(os.path.realpath(args.page), page)
+    else:
+        sys.stdout.buffer.write(page)
+        sys.stdout.flush()
+    print(f"alt-text: {report}", file=sys.stderr)
+    return 1 if report.failed else 0
 
 
 def cmd_evaluate(args):
@@ -142,18 +182,7 @@ def cmd_export(args):
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="captioner", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("caption", help="caption images")
-    p.add_argument("images", nargs="+", help="image files")
-    _checkpoint_arg(p)
-    decode_args(p)
-    p.add_argument("--n-best", type=int, default=1, help="print the N best captions per image")
-    p.add_argument("--json", action="store_true", help='JSON lines: {"image", "caption", "score"}')
-    p.set_defaults(func=cmd_caption)
-
+def _caption_dir_parser(sub):
     p = sub.add_parser("caption-dir", help="caption every image in a folder into a .jsonl or .csv (resumable)")
     p.add_argument("dir", help="folder of images")
     p.add_argument("--out", required=True, help="results file, .jsonl or .csv; rerunning with it resumes. "
@@ -172,7 +201,42 @@ def build_parser() -> argparse.ArgumentParser:
                    help="if another run is writing --out, wait for it to end (default: refuse at once)")
     _checkpoint_arg(p)
     decode_args(p)
+    p.add_argument("--sidecar", action="append", choices=["xmp", "txt"], default=[],
+                   help="also write the caption beside each photo: xmp (photo.jpg.xmp: description, keywords, "
+                   "model; merged into an existing one) or txt (photo.txt); repeatable")
+    p.add_argument("--sidecar-dir", default=None, help="write the sidecars into this folder, mirroring the photos' "
+                   "tree (default: beside each photo)")
+    p.add_argument("--embed", action="store_true", help="also write the caption into each JPEG's and PNG's own XMP "
+                   "(rewrites your files; the pixels are checked unchanged, else the original is put back)")
+    p.add_argument("--overwrite", action="store_true", help="replace a description or txt someone else wrote "
+                   "(default: keep it)")
     p.set_defaults(func=cmd_caption_dir)
+
+
+def _alt_text_parser(sub):
+    p = sub.add_parser("alt-text", help="fill the missing or empty alt text of a web page's local images")
+    p.add_argument("page", help="HTML file; src paths are read relative to it")
+    p.add_argument("--in-place", action="store_true",
+                   help="rewrite the page (atomically) instead of printing the filled page to stdout")
+    _checkpoint_arg(p)
+    decode_args(p)
+    p.set_defaults(func=cmd_alt_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="captioner", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("caption", help="caption images")
+    p.add_argument("images", nargs="+", help="image files")
+    _checkpoint_arg(p)
+    decode_args(p)
+    p.add_argument("--n-best", type=int, default=1, help="print the N best captions per image")
+    p.add_argument("--json", action="store_true", help='JSON lines: {"image", "caption", "score"}')
+    p.set_defaults(func=cmd_caption)
+
+    _caption_dir_parser(sub)
+    _alt_text_parser(sub)
 
     p = sub.add_parser("evaluate",
                        help="BLEU (and coco-caption metrics) of a model, a results file or humans on a split")

@@ -43,6 +43,7 @@ from .config import DecodeConfig
 from .files import fsync_dir, write_atomic
 from .images import ImageError
 from .output import csv_text, csv_text_value
+from .sidecars import Sidecars
 
 if TYPE_CHECKING:  # either engine: the torch Captioner or the torch-free runtime.Runtime
     from .inference import Captioner
@@ -425,13 +426,17 @@ class Summary(NamedTuple):
 def caption_dir(captioner: Captioner | Runtime, root: str | Path, out: str | Path, *, recursive: bool = False,
                 exts=DEFAULT_EXTS, batch_size: int = 32, workers: int = 2, shard_spec: tuple[int, int] = (0, 1),
                 retry_errors: bool = False, wait: bool = False, progress: bool = True,
-                options: DecodeConfig | None = None) -> Summary:
+                options: DecodeConfig | None = None, sidecars: Sidecars | None = None) -> Summary:
     """Caption every image file under `root` into `out` (.jsonl or .csv), resuming what is there.
 
-    Rows: {"image": relative path, "caption", "score", "tags"} or {"image", "error"}.
+    Rows: {"image": relative path, "caption", "score", "tags"} or {"image", "error"}; with the caption and
+    an "error" too where embedding it failed (sidecars.embed).
     retry_errors: images whose row is an error are tried again; the new row replaces it.
     wait: when another run is writing `out`, wait for it to end instead of raising OutputLocked.
     options: decoding settings (the model's `options(...)`; None: the model's own).
+    sidecars: what to write besides the table (sidecars.Sidecars). Each new row's sidecars are written
+    before the row is appended, and every row already there gets the sidecars it lacks, so a resumed
+    run neither skips one nor, as the writes change nothing already written, writes one twice.
     """
     root = Path(root)
     output = OutputFile(out)
@@ -442,22 +447,29 @@ def caption_dir(captioner: Captioner | Runtime, root: str | Path, out: str | Pat
         retry = [f for f in files if retry_errors and f in last and last[f].get("error")]
         todo = [f for f in files if f not in last] + retry
         summary = dict(total=len(files), skipped=len(files) - len(todo), captioned=0, errors=0, retried=len(retry))
+        if sidecars:
+            sidecars.prepare(root, files)
+            for name in sorted(set(files) - set(todo)):
+                sidecars.write(root, last[name], done=True)
         if todo:
             _caption_files(captioner, root, sorted(todo), output, summary, batch_size=batch_size, workers=workers,
-                           progress=progress, options=options)
+                           progress=progress, options=options, sidecars=sidecars)
         output.compact()
     return Summary(**summary)
 
 
 def _caption_files(captioner: Captioner | Runtime, root: Path, names: list[str], output: OutputFile, summary: dict, *,
-                   batch_size: int, workers: int, progress: bool, options: DecodeConfig | None) -> None:
+                   batch_size: int, workers: int, progress: bool, options: DecodeConfig | None,
+                   sidecars: Sidecars | None) -> None:
     with tqdm(total=summary["total"], initial=summary["skipped"], unit="img", desc="caption-dir",
               disable=not progress, dynamic_ncols=True) as bar:
         for batch in caption_files(captioner, root, names, options, batch_size=batch_size, workers=workers):
             rows = [{"image": name, "error": error} if results is None else {"image": name, **results[0]}
                     for name, results, error in batch]
+            if sidecars:
+                rows = [sidecars.write(root, row) for row in rows]
             output.append(rows)
-            n_err = sum(results is None for _, results, _ in batch)
+            n_err = sum(bool(row.get("error")) for row in rows)
             summary["errors"] += n_err
             summary["captioned"] += len(rows) - n_err
             bar.update(len(rows))
