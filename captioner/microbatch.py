@@ -118,4 +118,3 @@ class Batcher:
         for j in jobs:
             j.future.set_result(results[:len(j.pixels)])
             results = results[len(j.pixels):]
-
