@@ -100,13 +100,14 @@ class DecodeConfig:
     # What runs the frozen encoder: auto (onnxruntime on a CPU, torch on a GPU) | onnxruntime | torch.
     engine: str = "auto"
     # Guided beam search (constraints.py): the encoder's ImageNet tags of at least guide_threshold,
-    # at most guide_max of them, are words the caption should name (min(2, n) of them); the unguided
-    # caption stays where the guided one scores more than guide_margin below it. on | off. The
-    # defaults are the sweep's best COCO-mini CIDEr within 0.3 BLEU-4 on Flickr8k dev (docs/results.md).
+    # at most guide_max of them, are words the caption should name. Captions are ranked by their
+    # score plus guide_weight times the probability of each tag they name, the unguided captions
+    # among them: a confident tag is named unless the caption that names it reads much worse.
+    # on | off. The defaults: docs/results.md's sweep on the development photos.
     guide: str = "on"
     guide_threshold: float = 0.2
     guide_max: int = 2
-    guide_margin: float = 2.0
+    guide_weight: float = 5.0
 
     def replace(self, **options) -> DecodeConfig:
         """A copy with `options` set (None keeps a setting), checked: a typo or a bad value fails here,
@@ -139,8 +140,8 @@ class DecodeConfig:
             self.guide = "on" if self.guide else "off"
         if self.guide not in ("on", "off"):
             raise ValueError(f"decoding option guide must be 'on' or 'off', got {self.guide!r}")
-        if not 0.0 <= self.guide_threshold <= 1.0 or not self.guide_margin >= 0.0:
-            raise ValueError("guide_threshold must be in [0, 1] and guide_margin >= 0")
+        if not 0.0 <= self.guide_threshold <= 1.0 or not self.guide_weight >= 0.0:
+            raise ValueError("guide_threshold must be in [0, 1] and guide_weight >= 0")
         if self.method == "beam" and self.n_best > self.beam_size:
             raise ValueError(f"n_best ({self.n_best}) must not exceed beam_size ({self.beam_size})")
         if self.method != "beam" and self.n_best != 1:

@@ -5,12 +5,13 @@ disjunctive constraints ({cat, cats}), and the search keeps one beam per state o
 machine over "which constraints are met". A caption counts once it meets `required` of them.
 
 The machine here has, per image:
-- state 0, FREE: the plain, unguided search. No word moves it, so its beams are exactly the
-  unguided beam search's, and the guided caption can fall back to them (`margin`);
-- one state per set of met constraints smaller than `required`, starting from the empty set;
+- one state per set of met constraints smaller than `required`; state 0, the empty set, is where
+  every caption starts, and its beams are the best captions that name no constraint;
 - one ACCEPTING state for every set of at least `required`: once enough are met, further
   constraint words change nothing, so merging those states saves beams at no loss.
-With no constraints there is only FREE, which is plain beam search.
+With no constraints there is only state 0, which is plain beam search. The search ranks the
+finished captions of every state together (search.beam_search's bonus), so a caption that names
+no tag still wins where the ones that do read much worse.
 torch-free: the runtime builds the same machine.
 """
 from __future__ import annotations
@@ -20,7 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FREE = 0
 # Nouns never forced into a caption. Empty: the sweep on the development photos (docs/results.md)
 # has not yet found a tag that hurts; a noun goes here once one is measured to.
 STOP = frozenset()
@@ -36,16 +36,16 @@ class Machine:
 
 
 def choose(noun_probs: np.ndarray, nouns: list[str], words: dict[str, list[str]], vocab_ids: dict[str, int], *,
-           threshold: float, most: int, stop=STOP) -> list[tuple[int, ...]]:
+           threshold: float, most: int, stop=STOP) -> list[tuple[tuple[int, ...], float]]:
     """One image's constraints: its likeliest nouns of at least `threshold`, at most `most`, each as
-    the word ids of its forms that the vocabulary has (a noun it cannot write is skipped)."""
+    (the word ids of its forms that the vocabulary has, its probability); a noun it cannot write is skipped."""
     out = []
     for i in np.argsort(-noun_probs, kind="stable"):
         if noun_probs[i] < threshold or len(out) == most:
             break
         ids = tuple(sorted({vocab_ids[w] for w in words.get(nouns[i], ()) if w in vocab_ids}))
         if nouns[i] not in stop and ids:
-            out.append(ids)
+            out.append((ids, float(noun_probs[i])))
     return out
 
 
@@ -57,8 +57,8 @@ def machine(constraints: list[tuple[int, ...]], required: int = 2) -> Machine:
         return Machine(1, None, {})
     need = min(required, n)
     partial = [frozenset(c) for size in range(need) for c in itertools.combinations(range(n), size)]
-    index = {met: 1 + i for i, met in enumerate(partial)}
-    accepting = 1 + len(partial)
+    index = {met: i for i, met in enumerate(partial)}  # by size: a word only ever moves to a later state
+    accepting = len(partial)
     moves = {}
     for met, state in index.items():
         for word in sorted({w for ids in constraints for w in ids}):

@@ -116,7 +116,7 @@ class Captioner:
 
         Options: method (beam | greedy | sample), beam_size, n_best, max_len, length_penalty,
         alpha, temperature, top_k, guide (on | off: beam search guided by the tags), guide_threshold,
-        guide_max, guide_margin. Precision and engine are chosen when loading."""
+        guide_max, guide_weight. Precision and engine are chosen when loading."""
         at_load = sorted(k for k in ("precision", "engine") if overrides.get(k) is not None)
         if at_load:
             raise TypeError(f"{', '.join(at_load)}: chosen when loading, Captioner.load(..., {at_load[0]}=...)")
@@ -142,7 +142,8 @@ class Captioner:
             return {}
         found = self.tagger.constraints(feats.float().cpu().numpy(), self.vocab.stoi,
                                         threshold=o.guide_threshold, most=o.guide_max)
-        return {"constraints": found, "margin": o.guide_margin}
+        return {"constraints": [[ids for ids, _ in c] for c in found],
+                "bonus": [[o.guide_weight * p for _, p in c] for c in found]}
 
     def format(self, hyps: list[Hypothesis], tags: list[dict] | None = None) -> list[dict]:
         """One image's hypotheses -> [{"caption", "score", "tags"}, ...], best first ("tags": the

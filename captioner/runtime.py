@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from .config import DecodeConfig
-from .constraints import FREE, Machine, machine
+from .constraints import Machine, machine
 from .files import file_sha256
 from .images import load_image
 from .ort import session
@@ -34,14 +34,14 @@ from .tags import Tagger
 from .vocab import Vocab
 
 FORMAT = "captioner-bundle"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MANIFEST = "bundle.json"
 GRAPHS = ("encoder", "decoder_init", "decoder_step")
 TAGGER = ("tagger", "tag_mapping")  # the classifier (tagger.npz) and its noun mapping, when the encoder has one
 PENALTIES = ("none", "avg", "wu")
 SECTIONS = ("files", "vocab", "preprocess", "decode", "decoder")  # what Runtime reads from the manifest
 # The decoding options a bundle's manifest sets and a call may override (as Captioner.options).
-OPTIONS = ("beam_size", "max_len", "length_penalty", "alpha", "guide", "guide_threshold", "guide_max", "guide_margin")
+OPTIONS = ("beam_size", "max_len", "length_penalty", "alpha", "guide", "guide_threshold", "guide_max", "guide_weight")
 
 
 class BundleError(ValueError):
@@ -172,17 +172,17 @@ class Runtime:
         o = options or self.options()
         outputs = self.init.run(None, {"features": np.ascontiguousarray(feats, np.float32)})
         ctx, states = outputs[0], outputs[1:]  # states batch on dim 1
-        machines = [machine(c) for c in self._constraints(feats, o)]
+        found = self._constraints(feats, o)
         results = []
         for i in range(len(ctx)):
             c, s = ctx[i:i + 1], [x[:, i:i + 1] for x in states]
             if o.method == "greedy":
                 results.append([self._greedy(c, s, o.max_len)])
             else:
-                results.append(self._beam(c, s, o, machines[i]))
+                results.append(self._beam(c, s, o, found[i]))
         return results
 
-    def _constraints(self, feats: np.ndarray, o: DecodeConfig) -> list[list[tuple[int, ...]]]:
+    def _constraints(self, feats: np.ndarray, o: DecodeConfig) -> list[list[tuple[tuple[int, ...], float]]]:
         """Per image, its guidance constraints from the tags, as Captioner._guidance (none when guide is off)."""
         if o.method != "beam" or o.guide == "off" or self.tagger is None or o.guide_max == 0:
             return [[] for _ in feats]
@@ -247,15 +247,16 @@ class Runtime:
                 break
         return _strip(seq, end), float(score)
 
-    def _beam(self, ctx, state, o: DecodeConfig, m: Machine):
+    def _beam(self, ctx, state, o: DecodeConfig, constraints: list[tuple[tuple[int, ...], float]]):
         """search.beam_search for one image: per state of its constraint machine, k live prefixes and,
-        apart from them, the k best finished captions; read from the accepting state within the margin."""
+        apart from them, the k best finished captions; all ranked together by score plus tag bonus."""
+        m = machine([ids for ids, _ in constraints])
         end, k, S, kind = self.vocab.end, o.beam_size, m.states, o.length_penalty
         guide = _Guide(m, len(self.vocab))
         ctx, state = np.repeat(ctx, S * k, axis=0), [np.repeat(x, S * k, axis=1) for x in state]
         tokens = np.full(S * k, self.vocab.start)
         scores = np.full((S, k), -np.inf, np.float32)
-        scores[:2, 0] = 0  # FREE and the first partial state start; all beams alike: keep one, or top-k is k copies
+        scores[0, 0] = 0  # every caption starts in state 0; all beams alike: keep one, or top-k is k copies
         seqs = [[] for _ in range(S * k)]
         pool, pool_seqs = np.full((S, k), -np.inf, np.float32), [[[] for _ in range(k)] for _ in range(S)]
         for t in range(o.max_len):
@@ -276,18 +277,13 @@ class Runtime:
             rows, tokens = np.take_along_axis(rows, live, 1).ravel(), np.take_along_axis(tok, live, 1).ravel()
             seqs = [seqs[r] + [int(w)] for r, w in zip(rows, tokens)]
             state = [x[:, rows] for x in state]
-            free, done = guide.finished(pool, scores, pen)
-            if free:
-                scores[FREE] = -np.inf  # final, as plain search stops
-            if done:
+            if guide.finished(pool, scores, pen):
                 final, final_seqs = pool, pool_seqs
                 break
         else:  # max_len reached: the unfinished prefixes are captions too
             final = np.concatenate([pool, scores / penalty(o.max_len, kind, o.alpha)], 1)
             final_seqs = [pool_seqs[g] + seqs[g * k:(g + 1) * k] for g in range(S)]
-        g = guide.pick(final, o.guide_margin)
-        order = np.argsort(-final[g], kind="stable")[:o.n_best]
-        return [(_strip(final_seqs[g][j], end), float(final[g, j])) for j in order if final[g, j] != -np.inf]
+        return _ranked(final, final_seqs, constraints, o.guide_weight, o.n_best, end)
 
 
 class _Guide:
@@ -296,7 +292,7 @@ class _Guide:
     A candidate counts in the state its word leads to: blocked (-inf) where it stays, moved in there."""
 
     def __init__(self, m: Machine, vocab_size: int):
-        S, self.accepting = m.states, m.accepting
+        S = m.states
         self.words = np.array(sorted({w for _, w in m.moves}) or [0])
         to = np.repeat(np.arange(S)[:, None], len(self.words), 1)  # the state each word leads to from each state
         for (state, w), target in m.moves.items():
@@ -324,21 +320,23 @@ class _Guide:
             word = np.where(came, self.words[moved % L], word)
         return np.take_along_axis(pool, idx, 1), from_state * k + beam, word
 
-    def finished(self, pool: np.ndarray, scores: np.ndarray, pen) -> tuple[bool, bool]:
-        """Whether the free state can no longer improve, and whether the accepting state cannot either (done)."""
-        best = scores[:, 0] / pen
-        free = bool(pool[FREE, -1] >= best[FREE])
-        if self.accepting is None:
-            return free, free
-        return free, free and bool(pool[self.accepting, -1] >= best[1:].max())
+    def finished(self, pool: np.ndarray, scores: np.ndarray, pen) -> bool:
+        """Whether, in each state, k finished captions no live prefix able to reach it would beat."""
+        return bool((pool[:, -1] >= np.maximum.accumulate(scores[:, 0] / pen)).all())
 
-    def pick(self, final: np.ndarray, margin: float) -> int:
-        """The state the captions are read from: accepting, unless its best is more than `margin`
-        below the unguided best (or it has none); else FREE."""
-        best = final.max(1)
-        a = self.accepting
-        use = a is not None and best[a] > -np.inf and best[a] >= best[FREE] - np.float32(margin)
-        return a if use else FREE
+
+def _ranked(final: np.ndarray, final_seqs: list, constraints, weight: float, n_best: int, end: int) -> list:
+    """The n_best distinct finished captions of every state, ranked as search._Guide.rank: score plus
+    weight times the probability of each constraint a caption names."""
+    flat = [(float(sc), _strip(seq, end)) for row, seqs in zip(final, final_seqs) for sc, seq in zip(row, seqs)]
+    rank = [sc + sum(weight * p for ids, p in constraints if set(ids) & set(tokens)) for sc, tokens in flat]
+    out, seen = [], set()
+    for j in np.argsort(-np.array(rank, np.float64), kind="stable"):
+        sc, tokens = flat[j]
+        if sc != -np.inf and tuple(tokens) not in seen and len(out) < n_best:
+            seen.add(tuple(tokens))
+            out.append((tokens, sc))
+    return out
 
 
 def _tagger(folder: Path, manifest: dict) -> Tagger:

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from .config import LENGTH_PENALTIES
-from .constraints import FREE, Machine, machine
+from .constraints import Machine, machine
 from .decoder import Decoder, Ensemble, reorder_state
 
 
@@ -94,33 +94,41 @@ class _Guide:
     words (n, L): each image's constraint words (padded with <pad>, which is banned); leads
     (n, S_to, S_from, L): which word moves which state to which; blocked (n, S, V): -inf where a
     word would leave the state (such candidates are scored by the state they lead to);
-    accepting (n, S). With no constraint in the batch (S = 1) there is nothing to block or move,
-    and the search is plain beam search at its own cost."""
+    reachable (n, S): the states an image's machine has. With no constraint in the batch (S = 1)
+    there is nothing to block or move, and the search is plain beam search at its own cost. cwords (n, C, W) and bonus (n, C): each
+    image's constraints' words and what naming each adds to a caption's rank."""
 
-    def __init__(self, machines: list[Machine], vocab_size: int, dev):
+    FIELDS = ("words", "leads", "blocked", "reachable", "cwords", "bonus")
+
+    def __init__(self, machines: list[Machine], vocab_size: int, dev, constraints, bonus):
         n, S = len(machines), max(m.states for m in machines)
+        C = max(1, *map(len, constraints))
+        W = max([1] + [len(ids) for c in constraints for ids in c])
+        self.cwords = torch.full((n, C, W), -1, dtype=torch.long)  # each image's constraints' words (-1: none)
+        self.bonus = torch.zeros(n, C, dtype=torch.float64)
+        for b, (c, w) in enumerate(zip(constraints, bonus)):
+            for i, ids in enumerate(c):
+                self.cwords[b, i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+                self.bonus[b, i] = w[i]
         vocab = [sorted({w for _, w in m.moves}) for m in machines]
         L = max(1, *map(len, vocab))  # at least one (padding) word keeps the shapes simple
         self.S, self.words = S, torch.zeros(n, L, dtype=torch.long)
         to = torch.arange(S).view(1, S, 1).repeat(n, 1, L)  # the state each word leads to from each state
-        self.accepting = torch.zeros(n, S, dtype=torch.bool)
         for b, (m, ws) in enumerate(zip(machines, vocab)):
             self.words[b, :len(ws)] = torch.tensor(ws, dtype=torch.long)
             for (state, w), target in m.moves.items():
                 to[b, state, ws.index(w)] = target
-            if m.accepting is not None:
-                self.accepting[b, m.accepting] = True
         states = torch.arange(S)
         moves = to != states.view(1, S, 1)
         self.leads = (to[:, None] == states.view(1, S, 1, 1)) & moves[:, None]
         self.blocked = torch.zeros(n, S, vocab_size).scatter_(
             2, self.words[:, None, :].expand(-1, S, -1), torch.where(moves, float("-inf"), 0.0))
         self.reachable = states[None] < torch.tensor([m.states for m in machines])[:, None]
-        for name in ("words", "leads", "accepting", "blocked", "reachable"):
+        for name in self.FIELDS:
             setattr(self, name, getattr(self, name).to(dev))
 
     def keep(self, keep: torch.Tensor) -> None:
-        for name in ("words", "leads", "accepting", "blocked", "reachable"):
+        for name in self.FIELDS:
             setattr(self, name, getattr(self, name)[keep])
 
     def candidates(self, cand: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -143,44 +151,45 @@ class _Guide:
         rows = (torch.arange(n, device=cand.device).view(n, 1, 1) * S + from_state) * k + beam
         return top.view(n * S, -1), rows.view(n * S, -1), word.view(n * S, -1)
 
-    def finished(self, pool: torch.Tensor, scores: torch.Tensor, pen) -> tuple[torch.Tensor, torch.Tensor]:
-        """(n,) twice: images whose free state can no longer improve, and those whose free and accepting
-        states both cannot (done): each has k finished captions no live prefix able to reach it would beat."""
-        n, S = self.accepting.shape
+    def finished(self, pool: torch.Tensor, scores: torch.Tensor, pen) -> torch.Tensor:
+        """(n,) the images done: in each state, k finished captions that no live prefix able to reach it
+        (its own, or one of an earlier state) would beat."""
+        n, S = self.reachable.shape
         pool, best = pool.view(n, S, -1)[..., -1], scores.view(n, S, -1)[..., 0] / pen
-        reach_accepting = best[:, 1:].amax(1) if S > 1 else torch.full((n,), float("-inf"), device=best.device)
-        free = pool[:, FREE] >= best[:, FREE]
-        return free, free & ((pool >= reach_accepting[:, None]) | ~self.accepting).all(1)
+        return ((pool >= best.cummax(1).values) | ~self.reachable).all(1)
 
-    def pick(self, final: torch.Tensor, margin: float) -> torch.Tensor:
-        """(n,) the state each image's captions are read from: accepting, unless its best is more
-        than `margin` below the unguided best (or it has none); else FREE."""
-        n, S = self.accepting.shape
-        best = final.view(n, S, -1).amax(2)
-        guided = torch.where(self.accepting, best, float("-inf")).amax(1)
-        state = self.accepting.float().argmax(1)
-        use = (guided > float("-inf")) & (guided >= best[:, FREE] - margin)
-        return torch.where(use, state, FREE)
+    def rank(self, final: torch.Tensor, final_seqs: torch.Tensor) -> torch.Tensor:
+        """final (n*S, K) scores, final_seqs (n*S, K, T) -> (n, S*K): each finished caption's score plus
+        the bonus of every constraint it names, the order its image's captions are read in."""
+        n = self.reachable.shape[0]
+        seqs = final_seqs.view(n, -1, final_seqs.shape[-1])
+        named = (seqs[:, :, :, None, None] == self.cwords[:, None, None]).any(-1).any(2)  # (n, S*K, C)
+        # float64: an infinite bonus (a large one) must not swallow the scores' differences
+        return final.view(n, -1).double() + (named * self.bonus[:, None]).sum(-1)
 
 
 @torch.inference_mode()
 def beam_search(decoder, feats, *, start, end, beam_size=3, max_len=20, length_penalty="none", alpha=0.7, n_best=1,
                 banned=(0,), constraints: list[list[tuple[int, ...]]] | None = None, required: int = 2,
-                margin: float = float("inf")):
+                bonus: list[list[float]] | None = None):
     """Returns, per image, the n_best hypotheses, best first.
 
     Each image keeps k live prefixes and, apart from them, its k best finished captions, per state
     of its constraint machine (constraints.py; without constraints one state: plain beam search).
-    constraints: per image, disjunctive word-id sets that a caption should name `required` of;
-    its captions come from the accepting state unless those score more than `margin` below the
-    unguided ones. An image leaves the batch once no live prefix can improve its captions: the
-    images still searching do not pay for it in the later steps.
+    constraints: per image, disjunctive word-id sets; its machine's accepting state holds captions
+    that name `required` of them. bonus: per image and constraint, what naming it adds to a caption's
+    rank (None: so large that a caption naming more constraints always wins). The captions of
+    every state are ranked together by score plus bonus (the unguided search's among them), and
+    each keeps its own score. An image leaves the batch once no live prefix can improve its
+    captions: the images still searching do not pay for it in the later steps.
     """
     if not 1 <= n_best <= beam_size:
         raise ValueError(f"n_best must be between 1 and beam_size ({beam_size}), got {n_best}")
     penalty(torch.ones(1), length_penalty, alpha)  # reject an unknown penalty before any work
     B, k, dev, V = feats.shape[0], beam_size, feats.device, decoder.vocab_size
-    guide = _Guide([machine(c, required) for c in (constraints or [[]] * B)], V, dev)
+    constraints = constraints or [[]] * B
+    bonus = bonus or [[1e6] * len(c) for c in constraints]
+    guide = _Guide([machine(c, required) for c in constraints], V, dev, constraints, bonus)
     S = guide.S
     v = decoder.features(feats)  # per image; rows are expanded to beams below, not recomputed
     rows = torch.arange(B, device=dev).repeat_interleave(S * k)  # row (b*S + s)*k + j: beam j of state s of image b
@@ -188,16 +197,15 @@ def beam_search(decoder, feats, *, start, end, beam_size=3, max_len=20, length_p
     ctx = decoder.step_context(v).index_select(0, rows)
     tokens = torch.full((B * S * k,), start, dtype=torch.long, device=dev)
     scores = torch.full((B, S, k), float("-inf"), device=dev)  # the live prefixes' log-probs, best first
-    scores[:, :, 0] = torch.where(guide.reachable & (torch.arange(S, device=dev) <= 1), 0.0, float("-inf"))
+    scores[:, 0, 0] = 0.0  # every caption starts in state 0 (one beam: k alike would be k copies)
     search = _Beams(scores.view(B * S, k), max_len, end, dev)
     images = torch.arange(B, device=dev)  # which input image each active row block is
     results: list[list[Hypothesis]] = [[] for _ in range(B)]
 
     def emit(sel, final, final_seqs):  # write out the best hypotheses of the active images `sel` (a bool mask)
-        pick = guide.pick(final, margin)[sel]
-        final, final_seqs = (x.view(-1, S, *x.shape[1:])[sel] for x in (final, final_seqs))
-        at = torch.arange(len(pick), device=dev)
-        for b, hyps in zip(images[sel].tolist(), _best(final[at, pick], final_seqs[at, pick], n_best, end)):
+        rank = guide.rank(final, final_seqs)[sel]
+        final, final_seqs = (x.view(-1, S * x.shape[1], *x.shape[2:])[sel] for x in (final, final_seqs))
+        for b, hyps in zip(images[sel].tolist(), _best(rank, final, final_seqs, n_best, end)):
             results[b] = hyps
 
     for t in range(max_len):
@@ -207,8 +215,7 @@ def beam_search(decoder, feats, *, start, end, beam_size=3, max_len=20, length_p
         pen = penalty(torch.tensor(t + 1), length_penalty, alpha)
         src, tokens = search.advance(*guide.candidates(cand, k), t, pen)
         state = reorder_state(state, src)
-        free, done = guide.finished(search.pool, search.scores, pen)
-        search.scores.view(n, S, k)[:, FREE].masked_fill_(free[:, None], float("-inf"))  # final, as plain search stops
+        done = guide.finished(search.pool, search.scores, pen)
         if done.any():
             emit(done, search.pool, search.pool_seqs)
             keep = ~done
@@ -225,12 +232,22 @@ def beam_search(decoder, feats, *, start, end, beam_size=3, max_len=20, length_p
     return results
 
 
-def _best(final: torch.Tensor, final_seqs: torch.Tensor, n_best: int, end: int) -> list[list[Hypothesis]]:
-    """Per row of finished captions' scores (n, K) and sequences (n, K, T), its n_best best first."""
-    order = final.argsort(dim=1, descending=True, stable=True)[:, :n_best]
-    best = final_seqs.gather(1, order[..., None].expand(-1, -1, final_seqs.shape[2])).tolist()
-    return [[Hypothesis(_strip(s, end), sc) for s, sc in zip(seqs, scores) if sc != float("-inf")]
-            for seqs, scores in zip(best, final.gather(1, order).tolist())]
+def _best(rank: torch.Tensor, final: torch.Tensor, final_seqs: torch.Tensor, n_best: int, end: int
+          ) -> list[list[Hypothesis]]:
+    """Per row of finished captions' ranks and scores (n, K) and sequences (n, K, T), its n_best
+    distinct captions, best rank first (one caption can finish in several states)."""
+    order = rank.argsort(dim=1, descending=True, stable=True)
+    out = []
+    for seqs, scores in zip(final_seqs.gather(1, order[..., None].expand(-1, -1, final_seqs.shape[2])).tolist(),
+                            final.gather(1, order).tolist()):
+        hyps, seen = [], set()
+        for seq, sc in zip(seqs, scores):
+            tokens = _strip(seq, end)
+            if sc != float("-inf") and tuple(tokens) not in seen and len(hyps) < n_best:
+                seen.add(tuple(tokens))
+                hyps.append(Hypothesis(tokens, sc))
+        out.append(hyps)
+    return out
 
 
 class _Beams:

@@ -64,7 +64,7 @@ class Tagger:
         return (probs / probs.sum(axis=1, keepdims=True)) @ self._to_nouns
 
     def constraints(self, feats, vocab_ids: dict[str, int], *, threshold: float, most: int) -> list[list[tuple]]:
-        """Per image, its guidance constraints (constraints.choose) as word-id sets."""
+        """Per image, its guidance constraints (constraints.choose): (word-id set, probability) pairs."""
         return [choose(row, self.vocabulary, self.words, vocab_ids, threshold=threshold, most=most)
                 for row in self.noun_probs(feats)]
 

@@ -207,10 +207,11 @@ def test_beam_wider_than_vocabulary_still_returns_valid_hypotheses():
         assert all(torch.isfinite(torch.tensor(h.score)) for h in hs)
 
 
-def exhaustive_best(decoder, feat, *, words, start, end, max_len, length_penalty, alpha, must=()):
+def exhaustive_best(decoder, feat, *, words, start, end, max_len, length_penalty, alpha, must=(), bonus=None):
     """The true best caption by brute force: every word sequence that ends within max_len
     steps, and every max_len-word one that never ends, scored by teacher forcing; with `must`
-    (word-id sets), only those naming a word of each set."""
+    (word-id sets), only those naming a word of each set, or with `bonus` (one per set) all of
+    them, ranked by score plus the bonus of each set they name. Returns (rank, score, tokens)."""
     best = (float("-inf"), None)
     with torch.inference_mode():
         for n in range(max_len + 1):
@@ -222,11 +223,13 @@ def exhaustive_best(decoder, feat, *, words, start, end, max_len, length_penalty
                 final = (prefix + logp[:, n, end]) / penalty(torch.tensor(n + 1), length_penalty, alpha)
             else:
                 final = prefix / penalty(torch.tensor(n), length_penalty, alpha)
-            for ids in must:
-                final = torch.where(torch.isin(seqs, torch.tensor(ids)).any(1), final, float("-inf"))
-            i = int(final.argmax())
-            if final[i] > best[0]:
-                best = (float(final[i]), seqs[i].tolist())
+            rank = final.double()
+            for ids, b in zip(must, bonus or [None] * len(must)):
+                named = torch.isin(seqs, torch.tensor(ids)).any(1)
+                rank = rank + b * named if bonus else torch.where(named, rank, float("-inf"))
+            i = int(rank.argmax())
+            if rank[i] > best[0]:
+                best = (float(rank[i]), float(final[i]), seqs[i].tolist())
     return best
 
 
@@ -243,7 +246,7 @@ def test_beam_as_wide_as_the_candidates_finds_the_true_best_caption(length_penal
     found = beam_search(dec, feats, start=start, end=end, beam_size=12, max_len=max_len, banned=(0, 1, 3),
                         length_penalty=length_penalty, alpha=alpha)
     for feat, hyps in zip(feats, found):
-        score, tokens = exhaustive_best(dec, feat[None], words=words, start=start, end=end, max_len=max_len,
+        _, score, tokens = exhaustive_best(dec, feat[None], words=words, start=start, end=end, max_len=max_len,
                                         length_penalty=length_penalty, alpha=alpha)
         assert hyps[0].tokens == tokens
         assert hyps[0].score == pytest.approx(score, abs=1e-4)
@@ -259,23 +262,25 @@ def _peaked_decoder():
 
 @pytest.mark.parametrize("length_penalty", ["none", "wu"])
 def test_guided_search_finds_the_best_caption_that_meets_the_constraints(length_penalty):
-    # As above, a beam of 12 per state holds every candidate: the accepting state must hold the
-    # true best caption naming both {4} and {5, 6}, and the free state the true best of all.
+    # As above, a beam of 12 per state holds every candidate: without a bonus (an overwhelming
+    # one) the caption is the true best naming both {4} and {5, 6}; with a bonus per set, the
+    # true best by score plus the bonus of each set it names, among all captions.
     dec = _peaked_decoder()
     words, start, end, max_len = (4, 5, 6), 1, 2, 3
     feats = torch.randn(24, 4)
     must = [(4,), (5, 6)]
     common = dict(start=start, end=end, beam_size=12, max_len=max_len, banned=(0, 1, 3), length_penalty=length_penalty)
     guided = beam_search(dec, feats, constraints=[must] * len(feats), **common)
-    fallback = beam_search(dec, feats, constraints=[must] * len(feats), margin=0.0, **common)
-    for feat, hyps, hyps0 in zip(feats, guided, fallback):
-        score, tokens = exhaustive_best(dec, feat[None], words=words, start=start, end=end, max_len=max_len,
-                                        length_penalty=length_penalty, alpha=0.7, must=must)
-        free_score, free_tokens = exhaustive_best(dec, feat[None], words=words, start=start, end=end,
-                                                  max_len=max_len, length_penalty=length_penalty, alpha=0.7)
+    for bonus in ([0.0, 0.0], [0.5, 1.5], [3.0, 0.2]):
+        weighed = beam_search(dec, feats, constraints=[must] * len(feats), bonus=[bonus] * len(feats), **common)
+        for feat, hyps in zip(feats, weighed):
+            _, score, tokens = exhaustive_best(dec, feat[None], words=words, start=start, end=end, max_len=max_len,
+                                               length_penalty=length_penalty, alpha=0.7, must=must, bonus=bonus)
+            assert (hyps[0].tokens, hyps[0].score) == (tokens, pytest.approx(score, abs=1e-4))
+    for feat, hyps in zip(feats, guided):
+        _, score, tokens = exhaustive_best(dec, feat[None], words=words, start=start, end=end, max_len=max_len,
+                                           length_penalty=length_penalty, alpha=0.7, must=must)
         assert (hyps[0].tokens, hyps[0].score) == (tokens, pytest.approx(score, abs=1e-4))
-        # margin 0: the guided caption only where it scores as well as the unguided one
-        assert hyps0[0].tokens == (tokens if score >= free_score else free_tokens)
 
 
 def test_guided_search_batched_equals_one_by_one_and_without_constraints_is_plain_search():
@@ -290,11 +295,11 @@ def test_guided_search_batched_equals_one_by_one_and_without_constraints_is_plai
     assert beam_search(dec, feats, constraints=[[]] * 12, **common) == beam_search(dec, feats, **common)
     for hyps, c in zip(batched, constraints):
         named = sum(any(w in hyps[0].tokens for w in ids) for ids in c)
-        assert named >= min(2, len(c))  # margin inf: always the guided caption
+        assert named >= min(2, len(c))  # no bonus given: the guided caption always wins
 
 
 def test_a_finished_caption_does_not_take_the_place_of_a_live_beam_that_finishes_better():
-    """With the shipped model at its defaults (beam 3, Wu alpha 1.0) on the astronaut photo,
+    """With the shipped model at its defaults (beam 3, Wu alpha 1.0), unguided, on the astronaut photo,
     "... with a football" finishes inside the beam, and one word later "... with a football game"
     scores higher. A search that keeps finished captions among the k live beams returns the
     shorter one."""
@@ -302,7 +307,7 @@ def test_a_finished_caption_does_not_take_the_place_of_a_live_beam_that_finishes
 
     cap = Captioner.load(device="cpu")
     feats = cap.encode(cap.preprocess(ROOT / "demo" / "examples" / "astronaut.jpg")[None])
-    found = cap.decode(feats)[0][0]
+    found = cap.decode(feats, cap.options(guide="off"))[0][0]
 
     def score(caption: str) -> float:  # teacher forcing, with the search's length penalty
         ids = torch.tensor([cap.vocab.encode(caption)])

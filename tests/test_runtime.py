@@ -95,7 +95,7 @@ def test_pixels_are_the_captioners(shipped, runtime):
 @pytest.mark.parametrize("options", [
     dict(method="greedy"), dict(beam_size=3, length_penalty="avg"), dict(beam_size=4, length_penalty="none", max_len=6),
     dict(n_best=3), dict(guide="on", guide_threshold=0.2),
-    dict(guide="on", guide_threshold=0.05, guide_max=3, guide_margin=10.0, n_best=2, length_penalty="avg")])
+    dict(guide="on", guide_threshold=0.05, guide_max=3, guide_weight=10.0, n_best=2, length_penalty="avg")])
 def test_decoding_options_match_the_captioner(shipped, runtime, options):
     # The demo photos have confident tags, so the guided rows decode with constraint states.
     photos = dev_photos(6) + DEMO
