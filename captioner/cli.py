@@ -223,10 +223,7 @@ def _alt_text_parser(sub):
     p.set_defaults(func=cmd_alt_text)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="captioner", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _caption_parser(sub):
     p = sub.add_parser("caption", help="caption images")
     p.add_argument("images", nargs="+", help="image files")
     _checkpoint_arg(p)
@@ -235,9 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help='JSON lines: {"image", "caption", "score"}')
     p.set_defaults(func=cmd_caption)
 
-    _caption_dir_parser(sub)
-    _alt_text_parser(sub)
 
+def _evaluate_parser(sub):
     p = sub.add_parser("evaluate",
                        help="BLEU (and coco-caption metrics) of a model, a results file or humans on a split")
     p.add_argument("--data", required=True, help="Flickr8k folder, Karpathy split JSON or COCO captions JSON")
@@ -256,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     decode_args(p)
     p.set_defaults(func=cmd_evaluate)
 
+
+def _training_parsers(sub):
+    """extract-features and train: both read a training config and take section.key=value overrides."""
     p = sub.add_parser("extract-features", help="cache encoder features of the train and dev splits")
     p.add_argument("--config", required=True)
     p.add_argument("--batch-size", type=int, default=64)
@@ -270,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.set_defaults(func=cmd_train)
 
+
+def _export_parser(sub):
     p = sub.add_parser("export", help="write a bundle (ONNX graphs + bundle.json) that captions without torch "
                        "(python -m captioner.runtime)")
     p.add_argument("--checkpoint", "-c", default=None, help="checkpoint file (default: the shipped model)")
@@ -278,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantize the decoder step to int8 (smaller, faster; some captions change: docs/deploy.md)")
     p.set_defaults(func=cmd_export)
 
+
+def _finetune_parser(sub):
     p = sub.add_parser("finetune", help="fine-tune a model on your own captioned photos (new words included)")
     p.add_argument("--data", required=True, help="captions: CSV (image,caption), JSONL, COCO or Karpathy JSON, "
                    "or a Flickr8k folder")
@@ -291,6 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint to start from (default: the shipped model)")
     p.add_argument("--from", dest="start", action=Deprecated, new="--checkpoint", help=argparse.SUPPRESS)
     p.add_argument("--out", required=True, help="run folder: best.pt, report.json, the split, the feature cache")
+    _finetune_training_args(p)
+    p.set_defaults(func=cmd_finetune)
+
+
+def _finetune_training_args(p):
+    """finetune's knobs; each defaults to None so that finetune.Settings' own default holds."""
     p.add_argument("--epochs", type=int, default=None, help="most teacher-forcing epochs (default 15; "
                    "stops early when validation BLEU-4 stalls)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default 5e-4)")
@@ -308,8 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how much the starting model's own dev split may lose: this many BLEU-4 points and 3 times "
                    "as many CIDEr-D; the model kept is the point between the starting and the fine-tuned model "
                    "with the best validation CIDEr-D within it (default 1.0; inf: the new domain only)")
-    p.set_defaults(func=cmd_finetune)
 
+
+def _server_parsers(sub):
+    """demo and serve: the same model and network arguments, each its own default port."""
     p = sub.add_parser("demo", help="the Gradio demo in the browser")
     _checkpoint_arg(p)
     _server_args(p, port=7860)
@@ -325,6 +336,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ui", dest="ui", action="store_false",
                    help="the API alone: no demo UI at /, and ready sooner (gradio is never imported)")
     p.set_defaults(func=cmd_serve)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="captioner", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    # In this order in `captioner --help`: captioning first, then measuring, training, deploying, serving.
+    for add in (_caption_parser, _caption_dir_parser, _alt_text_parser, _evaluate_parser, _training_parsers,
+                _export_parser, _finetune_parser, _server_parsers):
+        add(sub)
     return parser
 
 
