@@ -40,7 +40,7 @@ from .evaluate import evaluate_bleu
 from .features import build_start_encoder, cached_part, open_features
 from .hardware import check_bf16
 from .inference import Captioner, resolve_device
-from .scst import Images, reward_function, self_critical_loss
+from .scst import IndexedImages, reward_function, self_critical_loss
 from .vocab import Vocab, tokenize
 
 
@@ -340,7 +340,7 @@ def _train_loader(cfg: Config, data: _Data, rank: int, world: int):
     t = cfg.train
     reward = references = None
     if t.objective == "scst":  # all "lengths" equal, so LengthBatches just shuffles (and shards)
-        train_set, train_collate = Images(data.train_src), None
+        train_set, train_collate = IndexedImages(data.train_src), None
         lengths = [1] * len(train_set)
         reward = reward_function(t.scst_reward, [[tokenize(c) for c in ex.captions] for ex in data.train_ex])
         references = ([[data.vocab.encode(c, cfg.data.max_caption_len) for c in ex.captions] for ex in data.train_ex]
