@@ -63,7 +63,8 @@ def _sidecars(args):
 
 def cmd_caption_dir(args):
     from . import bundles
-    from .folder import DEFAULT_EXTS, caption_dir, resolve_shard
+    from .folder import DEFAULT_EXTS, caption_dir
+    from .shards import resolve_shard
 
     index, count, source = resolve_shard(args.shard)  # before loading the model: a typo fails fast
     if count > 1:
