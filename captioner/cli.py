@@ -355,24 +355,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Runs one command; an error the user can act on is one line on stderr and exit status 2."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (CheckpointError, WeightsUnavailable, StaleCache, FileNotFoundError, ValueError) as e:
-        print(f"captioner {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        problem = f"error: {e}"
     except OSError as e:
-        message = file_system_error(e)
-        if message is None:
+        if (message := file_system_error(e)) is None:
             raise
-        print(f"captioner {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        problem = f"error: {message}"
     except ImportError as e:
-        advice = needs_train_extra(e)
-        if advice is None:
+        if (problem := needs_train_extra(e)) is None:
             raise
-        print(f"captioner {args.command}: {advice}", file=sys.stderr)
-        return 2
+    print(f"captioner {args.command}: {problem}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
