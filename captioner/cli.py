@@ -11,7 +11,9 @@ from .errors import CheckpointError, StaleCache, WeightsUnavailable, file_system
 from .output import Deprecated, decode_args, decode_options, print_captions
 
 
-def _checkpoint_arg(p):
+def _model_args(p):
+    """The model a command captions with: which checkpoint, on which device, in which precision, run by which
+    encoder engine."""
     p.add_argument("--checkpoint", "-c", default=None, help="checkpoint file (default: the shipped model)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
@@ -61,7 +63,8 @@ def _sidecars(args):
 
 def cmd_caption_dir(args):
     from . import bundles
-    from .folder import DEFAULT_EXTS, caption_dir, resolve_shard
+    from .folder import DEFAULT_EXTS, caption_dir
+    from .shards import resolve_shard
 
     index, count, source = resolve_shard(args.shard)  # before loading the model: a typo fails fast
     if count > 1:
@@ -185,8 +188,8 @@ def cmd_export(args):
 def _caption_dir_parser(sub):
     p = sub.add_parser("caption-dir", help="caption every image in a folder into a .jsonl or .csv (resumable)")
     p.add_argument("dir", help="folder of images")
-    p.add_argument("--out", required=True, help="results file, .jsonl or .csv; rerunning with it resumes. "
-                   "{shard} in it becomes i-of-n, so the shards of one torchrun command write apart")
+    p.add_argument("--out", required=True, metavar="RESULTS_FILE", help="results file, .jsonl or .csv; rerunning "
+                   "with it resumes. {shard} in it becomes i-of-n, so the shards of one torchrun command write apart")
     p.add_argument("--recursive", action="store_true", help="include subfolders")
     p.add_argument("--ext", default=None, help="comma-separated extensions"
                    " (default: jpg,jpeg,png,gif,bmp,webp,tif,tiff)")
@@ -199,7 +202,7 @@ def _caption_dir_parser(sub):
     p.add_argument("--retry-errors", action="store_true", help="caption again the images whose row is an error")
     p.add_argument("--wait", action="store_true",
                    help="if another run is writing --out, wait for it to end (default: refuse at once)")
-    _checkpoint_arg(p)
+    _model_args(p)
     decode_args(p)
     p.add_argument("--sidecar", action="append", choices=["xmp", "txt"], default=[],
                    help="also write the caption beside each photo: xmp (photo.jpg.xmp: description, keywords, "
@@ -218,26 +221,22 @@ def _alt_text_parser(sub):
     p.add_argument("page", help="HTML file; src paths are read relative to it")
     p.add_argument("--in-place", action="store_true",
                    help="rewrite the page (atomically) instead of printing the filled page to stdout")
-    _checkpoint_arg(p)
+    _model_args(p)
     decode_args(p)
     p.set_defaults(func=cmd_alt_text)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="captioner", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _caption_parser(sub):
     p = sub.add_parser("caption", help="caption images")
     p.add_argument("images", nargs="+", help="image files")
-    _checkpoint_arg(p)
+    _model_args(p)
     decode_args(p)
     p.add_argument("--n-best", type=int, default=1, help="print the N best captions per image")
     p.add_argument("--json", action="store_true", help='JSON lines: {"image", "caption", "score"}')
     p.set_defaults(func=cmd_caption)
 
-    _caption_dir_parser(sub)
-    _alt_text_parser(sub)
 
+def _evaluate_parser(sub):
     p = sub.add_parser("evaluate",
                        help="BLEU (and coco-caption metrics) of a model, a results file or humans on a split")
     p.add_argument("--data", required=True, help="Flickr8k folder, Karpathy split JSON or COCO captions JSON")
@@ -247,37 +246,46 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--results", default=None, help='score this COCO results file [{"image_id", "caption"}] '
                         "instead of a model")
     source.add_argument("--human", action="store_true", help="human ceiling: leave-one-out BLEU of the references")
-    p.add_argument("--out", default=None, help="write results.json, per_image.csv and scores.json here")
+    p.add_argument("--out", default=None, metavar="REPORT_DIR",
+                   help="write results.json, per_image.csv and scores.json here")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
     p.add_argument("--no-coco", action="store_true", help="skip the coco-caption metrics (they need Java)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2, help="image-decoding processes (0 = in the main process)")
-    _checkpoint_arg(p)
+    _model_args(p)
     decode_args(p)
     p.set_defaults(func=cmd_evaluate)
 
+
+def _training_parsers(sub):
+    """extract-features and train: both read a training config and take section.key=value overrides."""
     p = sub.add_parser("extract-features", help="cache encoder features of the train and dev splits")
-    p.add_argument("--config", required=True)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--config", required=True, help="training config YAML (configs/*.yaml)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per encoder batch")
+    p.add_argument("--workers", type=int, default=2, help="image-decoding processes (0 = in the main process)")
     _engine_arg(p)
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.set_defaults(func=cmd_extract_features)
 
     p = sub.add_parser("train", help="train a decoder (also under torchrun for DDP)")
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", required=True, help="training config YAML (configs/*.yaml)")
     p.add_argument("--resume", action="store_true", help="continue from out_dir/last.pt")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.set_defaults(func=cmd_train)
 
+
+def _export_parser(sub):
     p = sub.add_parser("export", help="write a bundle (ONNX graphs + bundle.json) that captions without torch "
                        "(python -m captioner.runtime)")
     p.add_argument("--checkpoint", "-c", default=None, help="checkpoint file (default: the shipped model)")
-    p.add_argument("--out", required=True, help="bundle folder to write (new, empty, or an older bundle)")
+    p.add_argument("--out", required=True, metavar="BUNDLE_DIR",
+                   help="bundle folder to write (new, empty, or an older bundle)")
     p.add_argument("--int8-decoder", action="store_true",
                    help="quantize the decoder step to int8 (smaller, faster; some captions change: docs/deploy.md)")
     p.set_defaults(func=cmd_export)
 
+
+def _finetune_parser(sub):
     p = sub.add_parser("finetune", help="fine-tune a model on your own captioned photos (new words included)")
     p.add_argument("--data", required=True, help="captions: CSV (image,caption), JSONL, COCO or Karpathy JSON, "
                    "or a Flickr8k folder")
@@ -287,10 +295,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "--val-fraction of the images)")
     p.add_argument("--val-fraction", type=float, default=None, help="share of the images kept for validation "
                    "(default 0.2)")
-    p.add_argument("--checkpoint", "-c", dest="start", default=None,
+    p.add_argument("--checkpoint", "-c", dest="start", default=None, metavar="CHECKPOINT",
                    help="checkpoint to start from (default: the shipped model)")
     p.add_argument("--from", dest="start", action=Deprecated, new="--checkpoint", help=argparse.SUPPRESS)
-    p.add_argument("--out", required=True, help="run folder: best.pt, report.json, the split, the feature cache")
+    p.add_argument("--out", required=True, metavar="RUN_DIR",
+                   help="run folder: best.pt, report.json, the split, the feature cache")
+    _finetune_training_args(p)
+    p.set_defaults(func=cmd_finetune)
+
+
+def _finetune_training_args(p):
+    """finetune's knobs; each defaults to None so that finetune.Settings' own default holds."""
     p.add_argument("--epochs", type=int, default=None, help="most teacher-forcing epochs (default 15; "
                    "stops early when validation BLEU-4 stalls)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default 5e-4)")
@@ -308,15 +323,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how much the starting model's own dev split may lose: this many BLEU-4 points and 3 times "
                    "as many CIDEr-D; the model kept is the point between the starting and the fine-tuned model "
                    "with the best validation CIDEr-D within it (default 1.0; inf: the new domain only)")
-    p.set_defaults(func=cmd_finetune)
 
+
+def _server_parsers(sub):
+    """demo and serve: the same model and network arguments, each its own default port."""
     p = sub.add_parser("demo", help="the Gradio demo in the browser")
-    _checkpoint_arg(p)
+    _model_args(p)
     _server_args(p, port=7860)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("serve", help="HTTP API (POST /v1/captions, docs at /docs) with the demo UI at /")
-    _checkpoint_arg(p)
+    _model_args(p)
     _server_args(p, port=8000)
     p.add_argument("--max-files", type=int, help="images per request (default 16)")
     p.add_argument("--max-upload-mb", type=float, help="request body limit (default 20)")
@@ -325,28 +342,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ui", dest="ui", action="store_false",
                    help="the API alone: no demo UI at /, and ready sooner (gradio is never imported)")
     p.set_defaults(func=cmd_serve)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="captioner", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    # In this order in `captioner --help`: captioning first, then measuring, training, deploying, serving.
+    for add in (_caption_parser, _caption_dir_parser, _alt_text_parser, _evaluate_parser, _training_parsers,
+                _export_parser, _finetune_parser, _server_parsers):
+        add(sub)
     return parser
 
 
 def main(argv=None) -> int:
+    """Runs one command; an error the user can act on is one line on stderr and exit status 2."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (CheckpointError, WeightsUnavailable, StaleCache, FileNotFoundError, ValueError) as e:
-        print(f"captioner {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        problem = f"error: {e}"
     except OSError as e:
-        message = file_system_error(e)
-        if message is None:
+        if (message := file_system_error(e)) is None:
             raise
-        print(f"captioner {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        problem = f"error: {message}"
     except ImportError as e:
-        advice = needs_train_extra(e)
-        if advice is None:
+        if (problem := needs_train_extra(e)) is None:
             raise
-        print(f"captioner {args.command}: {advice}", file=sys.stderr)
-        return 2
+    print(f"captioner {args.command}: {problem}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

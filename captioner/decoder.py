@@ -24,7 +24,7 @@ from .config import ModelConfig
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 
 
-class Dropout(nn.Dropout):
+class RandDropout(nn.Dropout):
     """nn.Dropout, its mask drawn with torch.rand on CPU: the bernoulli kernel nn.Dropout
     uses there takes twice as long for the same mask (14 vs 7 ms on a training batch's
     embeddings, ~10% of a bf16 training step). Other devices keep the fused kernel."""
@@ -51,7 +51,7 @@ class Decoder(nn.Module):
             raise ValueError(f"unknown inject {cfg.inject!r}; choose 'every' or 'init'")
         self.cell, self.inject, self.num_layers = cfg.cell, cfg.inject, cfg.num_layers
         self.proj, self.feat_dim = _projection(cfg, feature_dim)
-        self.feature_dropout = Dropout(cfg.feature_dropout)
+        self.feature_dropout = RandDropout(cfg.feature_dropout)
         self.embed = nn.Embedding(vocab_size, cfg.embed_dim, padding_idx=0)
         rnn_in = cfg.embed_dim + (self.feat_dim if cfg.inject == "every" else 0)
         self.rnn = CELLS[cfg.cell](rnn_in, cfg.hidden_dim, cfg.num_layers, batch_first=True,
@@ -59,11 +59,11 @@ class Decoder(nn.Module):
         if cfg.inject == "init":
             n_states = 2 if cfg.cell == "lstm" else 1
             self.init_state = nn.Linear(self.feat_dim, n_states * cfg.num_layers * cfg.hidden_dim)
-        self.dropout = Dropout(cfg.dropout)
+        self.dropout = RandDropout(cfg.dropout)
         self.out = nn.Linear(cfg.hidden_dim, vocab_size)
         # A single-token nn.LSTM call would redo W_iv·v at every step (and on CPU pays
         # oneDNN's per-call setup): decoding runs this cell by hand instead.
-        self._hoist = cfg.cell == "lstm" and cfg.inject == "every" and cfg.num_layers == 1
+        self._step_by_hand = cfg.cell == "lstm" and cfg.inject == "every" and cfg.num_layers == 1
 
     @property
     def vocab_size(self) -> int:
@@ -96,7 +96,7 @@ class Decoder(nn.Module):
     def step_context(self, v: torch.Tensor) -> torch.Tensor:
         """What decoding steps need of the image, once per search: v (from `features`),
         or for the hand-run LSTM cell v's constant share of the gates, W_iv·v + biases (fp32)."""
-        if not self._hoist:
+        if not self._step_by_hand:
             return v
         w_iv = self.rnn.weight_ih_l0[:, self.embed.embedding_dim:]
         return torch.addmm(self.rnn.bias_ih_l0 + self.rnn.bias_hh_l0, v, w_iv.t()).float()
@@ -121,7 +121,7 @@ class Decoder(nn.Module):
         With bf16 weights (decode.precision=bf16) or under bf16 autocast, only the matrix
         products run in bf16: gates, cell state and log-probs stay fp32.
         """
-        if not self._hoist:
+        if not self._step_by_hand:
             logits, state = self._run(ctx, tokens.unsqueeze(1), state)
             return logits.squeeze(1).float().log_softmax(-1), state
         w_ih, w_hh = self.rnn.weight_ih_l0, self.rnn.weight_hh_l0
@@ -153,13 +153,13 @@ class AttentionDecoder(nn.Module):
             raise ValueError("model.attention needs cell: lstm, inject: every and num_layers: 1")
         self.proj, self.feat_dim = _projection(cfg, feature_dim)
         self.hidden_dim, self.region_dim = cfg.hidden_dim, feature_dim
-        self.feature_dropout = Dropout(cfg.feature_dropout)
+        self.feature_dropout = RandDropout(cfg.feature_dropout)
         self.att_a = nn.Linear(self.feat_dim, self.feat_dim)
         self.att_h = nn.Linear(cfg.hidden_dim, self.feat_dim, bias=False)
         self.att_w = nn.Linear(self.feat_dim, 1)
         self.embed = nn.Embedding(vocab_size, cfg.embed_dim, padding_idx=0)
         self.cell = nn.LSTMCell(cfg.embed_dim + 2 * self.feat_dim, cfg.hidden_dim)
-        self.dropout = Dropout(cfg.dropout)
+        self.dropout = RandDropout(cfg.dropout)
         self.out = nn.Linear(cfg.hidden_dim, vocab_size)
 
     @property

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torchvision import transforms as T
 
-from . import __version__, engine
+from . import __version__, encoder_engine
 from .decoder import AttentionDecoder, Decoder, Ensemble
 from .encoders import DRAFT_SIZE
 from .files import UMASK, file_sha256, fsync_dir
@@ -109,12 +109,12 @@ def _export_decoder(decoder: Decoder, width: int, folder: Path) -> tuple[list[st
     rows = torch.export.Dim("rows")
     feats = torch.randn(3, width)
     ctx, *state = _Init(decoder)(feats)
-    engine.export_onnx(_Init(decoder), (feats,), folder / FILES["decoder_init"], input_names=["features"],
+    encoder_engine.export_onnx(_Init(decoder), (feats,), folder / FILES["decoder_init"], input_names=["features"],
                        output_names=["context", *names], dynamic_shapes={"features": {0: rows}})
     tokens = torch.tensor([1, 4, 5])
     # Distinct example tensors: the exporter would merge inputs given as one tensor (zeros for h and c) into one.
     state = tuple(torch.randn_like(s) for s in state)
-    engine.export_onnx(_Step(decoder), (tokens, ctx, state), folder / FILES["decoder_step"],
+    encoder_engine.export_onnx(_Step(decoder), (tokens, ctx, state), folder / FILES["decoder_step"],
                        input_names=["tokens", "context", *names],
                        output_names=["logprobs", *(f"new_{n}" for n in names)],
                        dynamic_shapes={"tokens": {0: rows}, "context": {0: rows},
@@ -150,7 +150,7 @@ def export_bundle(cap: Captioner, out: str | Path, *, source: str = "", int8_dec
     # Written inside `out`, so each finished file is renamed into place on the same file system.
     work = Path(tempfile.mkdtemp(dir=out, prefix=PARTIAL))
     try:
-        shutil.copyfile(engine.encoder_onnx(encoder), work / FILES["encoder"])
+        shutil.copyfile(encoder_engine.encoder_onnx(encoder), work / FILES["encoder"])
         state, context_size = _export_decoder(decoder, encoder.width, work)
         if int8_decoder:
             quantize_step(work / FILES["decoder_step"])
@@ -162,7 +162,7 @@ def export_bundle(cap: Captioner, out: str | Path, *, source: str = "", int8_dec
         config = cap.config
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
-            "made_by": {"captioner": __version__, "torch": torch.__version__, "opset": engine.OPSET,
+            "made_by": {"captioner": __version__, "torch": torch.__version__, "opset": encoder_engine.OPSET,
                         "source": source},
             "files": {name: {"path": path, "sha256": file_sha256(work / path)} for name, path in files.items()},
             "vocab": cap.vocab.to_dict(),

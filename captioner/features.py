@@ -22,8 +22,8 @@ from tqdm import tqdm
 from . import checkpoint
 from .config import Config
 from .data import Example, ImageFiles, load_split
+from .encoder_engine import encoder_runner, weights_checksum
 from .encoders import Encoder, EncoderTop, build_encoder
-from .engine import encoder_runner, weights_checksum
 from .errors import StaleCache
 from .files import write_atomic
 from .inference import resolve_device
@@ -39,7 +39,7 @@ def _write_json(path: Path, obj) -> None:
 
 def extract(encoder: Encoder, examples: list[Example], cache: str | Path, split: str, *, batch_size: int = 64,
             num_workers: int = 2, dtype: str = "float16", device="cpu", engine: str = "auto") -> np.ndarray:
-    """Cache `encoder`'s features of `examples`, run by `engine` (see captioner.engine)."""
+    """Cache `encoder`'s features of `examples`, run by `engine` (see captioner.encoder_engine)."""
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
     arr_path, meta_path = _paths(cache, split)

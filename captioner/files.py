@@ -4,7 +4,7 @@ Everything captioner writes whole (checkpoints, ONNX exports, feature-cache meta
 evaluation reports, a compacted caption-dir output) goes through `atomic_path`: write a
 temporary file beside the target, fsync it, rename it over the target, fsync the folder
 so the rename itself survives a crash. Appended result rows are the one exception
-(folder.OutputFile, which fsyncs each append).
+(results_file.OutputFile, which fsyncs each append).
 
 Also where captioner's own files are: the shipped model, and the per-user cache of exports.
 """

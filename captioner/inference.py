@@ -18,8 +18,8 @@ import torch
 from . import checkpoint
 from .config import Config, DecodeConfig
 from .decoder import Decoder, Ensemble, build_decoder
+from .encoder_engine import ENGINES, encoder_runner
 from .encoders import Encoder, build_encoder
-from .engine import ENGINES, encoder_runner
 from .files import DEFAULT_CHECKPOINT
 from .hardware import check_bf16
 from .search import Hypothesis, beam_search, greedy, sample

@@ -41,11 +41,15 @@ def csv_text_value(cell: str) -> str:
 
 def decode_args(p) -> None:
     """The decoding flags on an argparse parser; decode_options reads them back."""
-    p.add_argument("--beam-size", dest="beam", type=int, default=None,
-                   help="beam size (1 = greedy; default: the model's)")
-    p.add_argument("--beam", type=int, action=Deprecated, new="--beam-size", help=argparse.SUPPRESS)
+    p.add_argument("--method", choices=["beam", "greedy"], default=None,
+                   help="beam search or greedy decoding (default: the model's, beam)")
+    p.add_argument("--beam-size", type=int, default=None, help="beam size (1 = greedy; default: the model's)")
+    p.add_argument("--beam", dest="beam_size", type=int, action=Deprecated, new="--beam-size",
+                   help=argparse.SUPPRESS)
     p.add_argument("--max-len", type=int, default=None, help="longest caption in words")
     p.add_argument("--length-penalty", choices=["none", "avg", "wu"], default=None)
+    p.add_argument("--alpha", type=float, default=None,
+                   help="the wu length penalty's exponent (default: the model's)")
     p.add_argument("--guide", choices=["on", "off"], default=None,
                    help="beam search guided by the encoder's ImageNet tags, so the caption names what they see "
                         "(default: the model's, on)")
@@ -53,7 +57,8 @@ def decode_args(p) -> None:
 
 def decode_options(args) -> dict:
     """The parsed decoding flags as Captioner / Runtime options (None: the model's setting)."""
-    return dict(beam_size=args.beam, max_len=args.max_len, length_penalty=args.length_penalty, guide=args.guide)
+    return dict(method=args.method, beam_size=args.beam_size, max_len=args.max_len,
+                length_penalty=args.length_penalty, alpha=args.alpha, guide=args.guide)
 
 
 def print_captions(caption, paths: list[str], *, n_best: int, as_json: bool, **options) -> int:

@@ -158,12 +158,12 @@ class Runtime:
         """Pixels (B, 3, H, W) -> features (B, width)."""
         return self.encoder.run(None, {"pixels": np.ascontiguousarray(pixels, np.float32)})[0]
 
-    def options(self, method: str = "beam", n_best: int = 1, **overrides) -> DecodeConfig:
+    def options(self, method: str | None = None, n_best: int = 1, **overrides) -> DecodeConfig:
         """The bundle's decoding settings with per-call overrides (None keeps a setting), checked now."""
         unknown = set(overrides) - set(OPTIONS)
         if unknown:
             raise TypeError(f"unknown decoding option(s) {sorted(unknown)}; the runtime knows {sorted(OPTIONS)}")
-        if method not in ("beam", "greedy"):
+        if method not in (None, "beam", "greedy"):
             raise ValueError(f"unknown decoding method {method!r}; the runtime decodes with beam or greedy")
         return self.config.replace(method=method, n_best=n_best, **overrides)
 
@@ -208,7 +208,7 @@ class Runtime:
         tags, single = self._per_image(images, batch_size, self.tag_features)
         return tags[0] if single else tags
 
-    def caption(self, images, *, n_best: int = 1, batch_size: int = 32, method: str = "beam", **options):
+    def caption(self, images, *, n_best: int = 1, batch_size: int = 32, method: str | None = None, **options):
         """Caption one image or a list of them (paths, bytes or PIL images), as Captioner.caption does.
 
         Returns {"caption", "score", "tags"} per image, or a list of n_best of those when n_best > 1;

@@ -23,7 +23,7 @@ from .search import sample
 from .vocab import Vocab
 
 
-class Images(Dataset):
+class IndexedImages(Dataset):
     """One item per image: (its input, its index), for drawing image batches."""
 
     def __init__(self, source):

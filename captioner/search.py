@@ -95,8 +95,9 @@ class _Guide:
     (n, S_to, S_from, L): which word moves which state to which; blocked (n, S, V): -inf where a
     word would leave the state (such candidates are scored by the state they lead to);
     reachable (n, S): the states an image's machine has. With no constraint in the batch (S = 1)
-    there is nothing to block or move, and the search is plain beam search at its own cost. cwords (n, C, W) and bonus (n, C): each
-    image's constraints' words and what naming each adds to a caption's rank."""
+    there is nothing to block or move, and the search is plain beam search at its own cost.
+    cwords (n, C, W) and bonus (n, C): each image's constraints' words and what naming each adds to a
+    caption's rank."""
 
     FIELDS = ("words", "leads", "blocked", "reachable", "cwords", "bonus")
 
@@ -174,14 +175,13 @@ def beam_search(decoder, feats, *, start, end, beam_size=3, max_len=20, length_p
                 bonus: list[list[float]] | None = None):
     """Returns, per image, the n_best hypotheses, best first.
 
-    Each image keeps k live prefixes and, apart from them, its k best finished captions, per state
-    of its constraint machine (constraints.py; without constraints one state: plain beam search).
-    constraints: per image, disjunctive word-id sets; its machine's accepting state holds captions
-    that name `required` of them. bonus: per image and constraint, what naming it adds to a caption's
-    rank (None: so large that a caption naming more constraints always wins). The captions of
-    every state are ranked together by score plus bonus (the unguided search's among them), and
-    each keeps its own score. An image leaves the batch once no live prefix can improve its
-    captions: the images still searching do not pay for it in the later steps.
+    Each image keeps k live prefixes and, apart from them, its k best finished captions, per state of its constraint
+    machine (constraints.py; without constraints one state: plain beam search). constraints: per image, disjunctive
+    word-id sets; its machine's accepting state holds captions that name `required` of them. bonus: per image and
+    constraint, what naming it adds to a caption's rank (None: so large that a caption naming more constraints
+    always wins). The captions of every state are ranked together by score plus bonus (the unguided search's among
+    them), and each keeps its own score. An image leaves the batch once no live prefix can improve its captions: the
+    images still searching do not pay for it in the later steps.
     """
     if not 1 <= n_best <= beam_size:
         raise ValueError(f"n_best must be between 1 and beam_size ({beam_size}), got {n_best}")

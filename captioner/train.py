@@ -40,7 +40,7 @@ from .evaluate import evaluate_bleu
 from .features import build_start_encoder, cached_part, open_features
 from .hardware import check_bf16
 from .inference import Captioner, resolve_device
-from .scst import Images, reward_function, self_critical_loss
+from .scst import IndexedImages, reward_function, self_critical_loss
 from .vocab import Vocab, tokenize
 
 
@@ -232,13 +232,18 @@ class _Progress:
     history: list = field(default_factory=list)  # one record per epoch (metrics.jsonl)
 
 
-def _check(t: TrainConfig) -> None:
+def _check(cfg: Config) -> None:
+    """The settings that contradict each other or name nothing, before anything is loaded."""
+    t = cfg.train
     if t.objective not in ("xe", "scst"):
         raise ValueError(f"unknown objective {t.objective!r}; choose xe or scst")
     if t.precision not in ("fp32", "bf16"):
         raise ValueError(f"unknown precision {t.precision!r}; choose fp32 or bf16")
     if t.objective == "scst" and not t.init_from:
         raise ValueError("objective scst fine-tunes a trained model: set train.init_from to its checkpoint")
+    if cfg.model.finetune_encoder and t.encoder_top_blocks:
+        raise ValueError("model.finetune_encoder trains the whole encoder on images, train.encoder_top_blocks its "
+                         "top on cached maps: choose one")
 
 
 def _init_distributed(t: TrainConfig) -> tuple[torch.device, int, int]:
@@ -254,28 +259,62 @@ def _init_distributed(t: TrainConfig) -> tuple[torch.device, int, int]:
 
 
 def _setup(cfg: Config, resume: bool) -> _Run:
+    """In torchvision's order: the devices, the data (_load_data), the model, the loaders, the optimizer."""
     t = cfg.train
+    _check(cfg)
     device, rank, world = _init_distributed(t)
     seed_everything(rank_seed(t.seed, rank))
-    train_ex = load_split(cfg.data, cfg.data.train_split)
-    dev_all = load_split(cfg.data, cfg.data.dev_split)
-    dev_ex = dev_all[: t.dev_images] if t.dev_images else dev_all
-    _check(t)
     check_bf16(t.precision, device, "train.precision")
     state = checkpoint.load(Path(t.out_dir) / "last.pt") if resume else None
     init = checkpoint.load(t.init_from) if t.init_from and not state else None
     if init and isinstance(init["decoder"], list):
         raise ValueError(f"train.init_from={t.init_from} is an ensemble; start from one of its members' checkpoints")
     start = state or init
+    data = _load_data(cfg, start, init)
+    decoder = build_decoder(cfg.model, len(data.vocab), data.encoder.dim)
+    model = Trainable(decoder, data.trained).to(device)
+    if start:
+        decoder.load_state_dict(start["decoder"])
+    # The whole Lite net, fine-tuned, holds a classifier (_fc) that v never passes through: no gradient.
+    ddp_model = (nn.parallel.DistributedDataParallel(model, find_unused_parameters=cfg.model.finetune_encoder)
+                 if world > 1 else model)
+    train_set, batches, loader, reward, references = _train_loader(cfg, data, rank, world)
+    dev_loader = DataLoader(CaptionDataset(data.dev_ex, data.vocab, data.dev_src, cfg.data.max_caption_len),
+                            batch_size=512, collate_fn=collate)
+    trained = data.trained
+    optimizer = make_optimizer(decoder.parameters(), t, trained.parameters() if trained is not None else ())
+    total_steps = t.epochs * len(loader)  # max_steps only cuts a run short; the schedule stays the same
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    return _Run(cfg=cfg, device=device, rank=rank, world=world, state=state, vocab=data.vocab, encoder=data.encoder,
+                decoder=decoder, model=model, ddp_model=ddp_model, train_ex=data.train_ex, dev_ex=data.dev_ex,
+                dev_src=data.dev_src, train_set=train_set, batches=batches, loader=loader, dev_loader=dev_loader,
+                optimizer=optimizer, scheduler=scheduler, reward=reward, references=references,
+                store_encoder=trained is not None or "encoder" in (start or {}))
+
+
+@dataclass
+class _Data:
+    """What a run reads: the examples, their vocabulary, the encoder and what it gives the decoder."""
+    vocab: Vocab
+    encoder: nn.Module
+    trained: nn.Module | None  # the part of the encoder that trains: all of it, its top, or None
+    train_ex: list
+    dev_ex: list
+    train_src: object  # cached features (or maps below the top), or the images when the whole encoder trains
+    dev_src: object
+
+
+def _load_data(cfg: Config, start: dict | None, init: dict | None) -> _Data:
+    """The splits, the vocabulary (the starting model's, else built from the training captions), the
+    encoder, and each split's source; with train.replay, the starting model's own data mixed in."""
+    t = cfg.train
+    train_ex = load_split(cfg.data, cfg.data.train_split)
+    dev_all = load_split(cfg.data, cfg.data.dev_split)
+    dev_ex = dev_all[: t.dev_images] if t.dev_images else dev_all
     vocab = Vocab.from_dict(start["vocab"]) if start else Vocab.build(
         (c for ex in train_ex for c in ex.captions), cfg.data.min_count)
-
-    finetune = cfg.model.finetune_encoder
-    if finetune and cfg.train.encoder_top_blocks:
-        raise ValueError("model.finetune_encoder trains the whole encoder on images, train.encoder_top_blocks its "
-                         "top on cached maps: choose one")
     encoder = build_start_encoder(cfg, start)
-    if finetune:
+    if cfg.model.finetune_encoder:
         trained = encoder
         train_src, dev_src = (ImageFiles([ex.path for ex in exs], encoder.preprocess) for exs in (train_ex, dev_ex))
     else:
@@ -292,33 +331,27 @@ def _setup(cfg: Config, resume: bool) -> _Run:
         replay_ex = load_split(base, base.train_split)
         replay_src = open_features(base.feature_cache, base.train_split, replay_ex, encoder)
         train_ex, train_src = with_replay(train_ex, train_src, replay_ex, replay_src, t.replay, t.seed)
-    decoder = build_decoder(cfg.model, len(vocab), encoder.dim)
-    model = Trainable(decoder, trained).to(device)
-    if start:
-        decoder.load_state_dict(start["decoder"])
-    # The whole Lite net, fine-tuned, holds a classifier (_fc) that v never passes through: no gradient.
-    ddp_model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=finetune) if world > 1 else model
+    return _Data(vocab, encoder, trained, train_ex, dev_ex, train_src, dev_src)
 
+
+def _train_loader(cfg: Config, data: _Data, rank: int, world: int):
+    """(dataset, sampler, loader, reward, references): (features, caption) items for cross-entropy; for scst
+    (input, index) items, whose reward (and, with scst_xe_weight, reference ids) is looked up by index."""
+    t = cfg.train
     reward = references = None
-    if t.objective == "scst":  # batches of images; all "lengths" equal, so LengthBatches just shuffles (and shards)
-        train_set, train_collate = Images(train_src), None
+    if t.objective == "scst":  # all "lengths" equal, so LengthBatches just shuffles (and shards)
+        train_set, train_collate = IndexedImages(data.train_src), None
         lengths = [1] * len(train_set)
-        reward = reward_function(t.scst_reward, [[tokenize(c) for c in ex.captions] for ex in train_ex])
-        references = ([[vocab.encode(c, cfg.data.max_caption_len) for c in ex.captions] for ex in train_ex]
+        reward = reward_function(t.scst_reward, [[tokenize(c) for c in ex.captions] for ex in data.train_ex])
+        references = ([[data.vocab.encode(c, cfg.data.max_caption_len) for c in ex.captions] for ex in data.train_ex]
                       if t.scst_xe_weight else None)
     else:
-        train_set, train_collate = CaptionDataset(train_ex, vocab, train_src, cfg.data.max_caption_len), collate
+        train_set = CaptionDataset(data.train_ex, data.vocab, data.train_src, cfg.data.max_caption_len)
+        train_collate = collate
         lengths = [len(ids) for _, ids in train_set.pairs]
     batches = LengthBatches(lengths, t.batch_size, t.seed, rank, world)
     loader = DataLoader(train_set, batch_sampler=batches, collate_fn=train_collate, num_workers=t.num_workers)
-    dev_loader = DataLoader(CaptionDataset(dev_ex, vocab, dev_src, cfg.data.max_caption_len), batch_size=512,
-                            collate_fn=collate)
-    optimizer = make_optimizer(decoder.parameters(), t, trained.parameters() if trained is not None else ())
-    total_steps = t.epochs * len(loader)  # max_steps only cuts a run short; the schedule stays the same
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-    return _Run(cfg, device, rank, world, state, vocab, encoder, decoder, model, ddp_model, train_ex, dev_ex,
-                dev_src, train_set, batches, loader, dev_loader, optimizer, scheduler, reward, references,
-                store_encoder=trained is not None or "encoder" in (start or {}))
+    return train_set, batches, loader, reward, references
 
 
 def _restore(run: _Run) -> _Progress:

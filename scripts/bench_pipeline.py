@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from captioner.data import Example  # noqa: E402
-from captioner.engine import resolve_engine  # noqa: E402
+from captioner.encoder_engine import resolve_engine  # noqa: E402
 from captioner.features import extract  # noqa: E402
 from captioner.folder import caption_dir  # noqa: E402
 from captioner.inference import DEFAULT_CHECKPOINT, Captioner  # noqa: E402

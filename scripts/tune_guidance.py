@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from captioner import Captioner, metrics
 from captioner.data import ImageFiles
-from captioner.engine import weights_checksum
+from captioner.encoder_engine import weights_checksum
 from captioner.evaluate import decode_features, load_examples
 from captioner.vocab import tokenize
 

@@ -22,18 +22,10 @@ from fixtures import draw
 from PIL import Image
 
 from captioner import cli
-from captioner.folder import (
-    OutputError,
-    OutputFile,
-    OutputLocked,
-    caption_dir,
-    exclusive,
-    list_images,
-    parse_shard,
-    resolve_shard,
-    shard,
-)
+from captioner.folder import caption_dir, list_images
 from captioner.images import load_image
+from captioner.results_file import OutputError, OutputFile, OutputLocked, exclusive
+from captioner.shards import parse_shard, resolve_shard, shard
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -324,12 +316,12 @@ def test_compaction_writes_through_a_symlinked_output_and_keeps_its_mode(tmp_pat
 def test_a_full_disk_is_one_line_and_the_rows_written_stay(tiny_checkpoint, tiny_data, tmp_path, monkeypatch, capsys):
     import errno
 
-    from captioner import folder as folder_module
+    from captioner import results_file
 
     out = tmp_path / "out.jsonl"
     args = ["caption-dir", str(tiny_data / "Flicker8k_Dataset"), "--out", str(out), "--checkpoint",
             str(tiny_checkpoint), "--device", "cpu", "--workers", "0", "--batch-size", "4"]
-    appended = folder_module._append
+    appended = results_file._append
     calls = []
 
     def fills_up(path, data):
@@ -338,13 +330,13 @@ def test_a_full_disk_is_one_line_and_the_rows_written_stay(tiny_checkpoint, tiny
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         appended(path, data)
 
-    monkeypatch.setattr(folder_module, "_append", fills_up)
+    monkeypatch.setattr(results_file, "_append", fills_up)
     assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("captioner caption-dir: error: No space left on device")
     assert len(read_jsonl(out)) == 4  # the batch written before the disk filled
-    monkeypatch.setattr(folder_module, "_append", appended)
+    monkeypatch.setattr(results_file, "_append", appended)
     assert cli.main(args) == 0  # space freed: it resumes
     assert sorted(r["image"] for r in read_jsonl(out)) == list_images(tiny_data / "Flicker8k_Dataset")
 

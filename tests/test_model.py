@@ -13,7 +13,7 @@ from PIL import Image
 
 from captioner import checkpoint
 from captioner.config import ModelConfig
-from captioner.decoder import AttentionDecoder, Decoder, Dropout, Ensemble, build_decoder, caption_loss
+from captioner.decoder import AttentionDecoder, Decoder, Ensemble, RandDropout, build_decoder, caption_loss
 from captioner.encoders import WeightsUnavailable, build_encoder
 from captioner.search import beam_search, greedy, penalty, sample
 from captioner.vocab import Vocab, tokenize
@@ -139,13 +139,13 @@ def test_loss_ignores_padding():
 
 def test_dropout_drops_at_rate_p_keeps_the_mean_and_is_identity_in_eval():
     x = torch.ones(200, 500)
-    drop = Dropout(0.3).train()
+    drop = RandDropout(0.3).train()
     y = drop(x)
     assert (y == 0).float().mean().item() == pytest.approx(0.3, abs=0.01)
     assert y.unique().tolist() == pytest.approx([0.0, 1 / 0.7])
     assert y.mean().item() == pytest.approx(1.0, abs=0.02)
     assert not torch.equal(drop(x), y)  # a new mask each call
-    assert torch.equal(drop.eval()(x), x) and torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))
+    assert torch.equal(drop.eval()(x), x) and torch.equal(RandDropout(1.0).train()(x), torch.zeros_like(x))
 
 
 # -- search ------------------------------------------------------------------------------

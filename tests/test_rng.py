@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from captioner.decoder import Dropout
+from captioner.decoder import RandDropout
 from captioner.train import rank_seed, rng_state, seed_everything, set_rng_state
 
 
@@ -23,7 +23,7 @@ def test_ranks_get_their_own_seeds_and_dropout_masks():
     masks = []
     for rank in range(2):
         seed_everything(rank_seed(42, rank))
-        masks.append(Dropout(0.5).train()(torch.ones(64)))
+        masks.append(RandDropout(0.5).train()(torch.ones(64)))
     assert not torch.equal(*masks)
 
 

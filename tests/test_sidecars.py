@@ -13,7 +13,8 @@ from PIL import Image
 from test_folder import ROOT, caption_dir_command, parent_killed_mid_run, photo_folder, read_jsonl
 
 from captioner import cli
-from captioner.folder import OutputFile, caption_dir
+from captioner.folder import caption_dir
+from captioner.results_file import OutputFile
 from captioner.sidecars import (
     NS,
     EmbedError,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import FLICKR8K, ROOT, requires_flickr8k
 
-from captioner import engine, ort
+from captioner import encoder_engine, ort
 from captioner.encoders import build_encoder
 from captioner.files import file_sha256
 from captioner.inference import Captioner
@@ -28,8 +28,8 @@ def dev_photos(n: int) -> list:
 @requires_flickr8k()
 def test_onnxruntime_and_torch_encoders_agree_on_real_photos(shipped):
     pixels = torch.stack([shipped.preprocess(p) for p in dev_photos(16)])
-    ort_feats = engine.encoder_runner(shipped.encoder, "onnxruntime")(pixels)
-    torch_feats = engine.encoder_runner(shipped.encoder, "torch")(pixels)
+    ort_feats = encoder_engine.encoder_runner(shipped.encoder, "onnxruntime")(pixels)
+    torch_feats = encoder_engine.encoder_runner(shipped.encoder, "torch")(pixels)
     assert ort_feats.shape == torch_feats.shape == (16, shipped.encoder.width)
     assert (ort_feats - torch_feats).abs().max().item() <= 1e-4
 
@@ -39,30 +39,30 @@ def test_both_engines_caption_real_photos_alike(shipped):
     photos = dev_photos(8)
     by_torch = Captioner.load(device="cpu", engine="torch").caption(photos)
     by_ort = shipped.caption(photos)
-    assert shipped.engine == "auto" and engine.resolve_engine(shipped.engine, shipped.device) == "onnxruntime"
+    assert shipped.engine == "auto" and encoder_engine.resolve_engine(shipped.engine, shipped.device) == "onnxruntime"
     assert [r["caption"] for r in by_ort] == [r["caption"] for r in by_torch]
     assert all(abs(a["score"] - b["score"]) < 1e-3 for a, b in zip(by_ort, by_torch))
 
 
 def test_the_export_is_reused_and_a_corrupt_one_is_exported_again(tmp_path):
     encoder = build_encoder("efficientnet_lite0", pretrained=False)
-    path = engine.encoder_onnx(encoder, tmp_path)
+    path = encoder_engine.encoder_onnx(encoder, tmp_path)
     first = path.stat()
-    assert engine.encoder_onnx(encoder, tmp_path) == path
+    assert encoder_engine.encoder_onnx(encoder, tmp_path) == path
     assert path.stat().st_mtime_ns == first.st_mtime_ns  # reused, not written again
 
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte in the weights: still loads, silently wrong
     path.write_bytes(data)
-    assert engine.encoder_onnx(encoder, tmp_path) == path
+    assert encoder_engine.encoder_onnx(encoder, tmp_path) == path
     assert path.read_bytes() != bytes(data)
     assert json.loads(path.with_suffix(".json").read_text())["sha256"] == file_sha256(path)
 
     path.write_bytes(path.read_bytes()[:1000])  # torn
-    session = ort.session(engine.encoder_onnx(encoder, tmp_path))
+    session = ort.session(encoder_engine.encoder_onnx(encoder, tmp_path))
     pixels = torch.randn(2, 3, 224, 224)
     torch.testing.assert_close(torch.from_numpy(session.run(None, {"pixels": pixels.numpy()})[0]),
-                               engine.encoder_runner(encoder, "torch")(pixels), atol=1e-4, rtol=1e-4)
+                               encoder_engine.encoder_runner(encoder, "torch")(pixels), atol=1e-4, rtol=1e-4)
 
 
 def test_other_weights_get_their_own_file(tmp_path):
@@ -70,7 +70,7 @@ def test_other_weights_get_their_own_file(tmp_path):
     b = build_encoder("efficientnet_lite0", pretrained=False)
     with torch.no_grad():
         next(b.parameters()).add_(1.0)
-    assert engine.encoder_onnx(a, tmp_path) != engine.encoder_onnx(b, tmp_path)
+    assert encoder_engine.encoder_onnx(a, tmp_path) != encoder_engine.encoder_onnx(b, tmp_path)
 
 
 def test_auto_falls_back_to_torch_where_onnxruntime_cannot_run(tmp_path, monkeypatch):
@@ -80,18 +80,18 @@ def test_auto_falls_back_to_torch_where_onnxruntime_cannot_run(tmp_path, monkeyp
     encoder = build_encoder("efficientnet_lite0", pretrained=False)
     pixels = torch.randn(1, 3, 224, 224)
     with pytest.warns(UserWarning, match="onnxruntime encoder engine is unavailable"):
-        run = engine.encoder_runner(encoder, "auto")
-    torch.testing.assert_close(run(pixels), engine.encoder_runner(encoder, "torch")(pixels))
+        run = encoder_engine.encoder_runner(encoder, "auto")
+    torch.testing.assert_close(run(pixels), encoder_engine.encoder_runner(encoder, "torch")(pixels))
     with pytest.raises(OSError):
-        engine.encoder_runner(encoder, "onnxruntime")
+        encoder_engine.encoder_runner(encoder, "onnxruntime")
 
 
 def test_engine_names_are_checked():
     with pytest.raises(ValueError, match="unknown engine"):
-        engine.resolve_engine("tensorrt", torch.device("cpu"))
-    with pytest.raises(engine.EngineError, match="--engine torch"):
-        engine.resolve_engine("onnxruntime", torch.device("cuda"))
-    assert engine.resolve_engine("auto", torch.device("cuda")) == "torch"
+        encoder_engine.resolve_engine("tensorrt", torch.device("cpu"))
+    with pytest.raises(encoder_engine.EngineError, match="--engine torch"):
+        encoder_engine.resolve_engine("onnxruntime", torch.device("cuda"))
+    assert encoder_engine.resolve_engine("auto", torch.device("cuda")) == "torch"
 
 
 def test_the_cli_takes_engine_torch():
@@ -118,4 +118,4 @@ def test_a_bad_input_raises_what_the_torch_engine_raises():
     encoder = build_encoder("efficientnet_lite0", pretrained=False)
     for name in ("onnxruntime", "torch"):
         with pytest.raises(RuntimeError):
-            engine.encoder_runner(encoder, name)(torch.zeros(1, 1, 224, 224))
+            encoder_engine.encoder_runner(encoder, name)(torch.zeros(1, 1, 224, 224))
