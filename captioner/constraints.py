@@ -23,10 +23,9 @@ import numpy as np
 
 # Nouns never asked for: on the development photos (Flickr8k dev, 80 COCO photos), captions that
 # named them only because of guidance lost 10 or more CIDEr-D points on average over at least 3
-# photos. Most are tags of a part or a near miss of what the references name: "unicycle" on
-# bicycles, "paddle" and "canoe" on kayaks, "pole" and "fence" on whatever stands behind them
-# (scratch measurement: docs/results.md, "Guided search").
-STOP = frozenset({"unicycle", "pole", "paddle", "canoe", "fence", "parachute", "camel", "handrail", "cart"})
+# photos (scripts/guide_stop_list.py). Most tag a part or a near miss of what the references name:
+# "unicycle" on bicycles, "paddle" and "canoe" on kayaks, "pole" on whatever stands beside one.
+STOP = frozenset({"camel", "canoe", "cart", "handrail", "motorbike", "paddle", "parachute", "pole", "unicycle"})
 
 
 @dataclass(frozen=True)

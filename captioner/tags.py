@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .constraints import choose
+from .constraints import STOP, choose
 
 MAPPING = Path(__file__).parent / "assets" / "imagenet_nouns.tsv"
 TOP, MIN_PROB = 5, 0.05  # the keywords shown: at most TOP nouns, each at least MIN_PROB
@@ -63,9 +63,10 @@ class Tagger:
         probs = np.exp(logits - logits.max(axis=1, keepdims=True))
         return (probs / probs.sum(axis=1, keepdims=True)) @ self._to_nouns
 
-    def constraints(self, feats, vocab_ids: dict[str, int], *, threshold: float, most: int) -> list[list[tuple]]:
+    def constraints(self, feats, vocab_ids: dict[str, int], *, threshold: float, most: int,
+                    stop=STOP) -> list[list[tuple]]:
         """Per image, its guidance constraints (constraints.choose): (word-id set, probability) pairs."""
-        return [choose(row, self.vocabulary, self.words, vocab_ids, threshold=threshold, most=most)
+        return [choose(row, self.vocabulary, self.words, vocab_ids, threshold=threshold, most=most, stop=stop)
                 for row in self.noun_probs(feats)]
 
     def __call__(self, feats, top: int = TOP, min_prob: float = MIN_PROB) -> list[list[dict]]:
