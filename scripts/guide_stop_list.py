@@ -5,7 +5,8 @@
 Decodes COCO mini and Flickr8k dev guided with no stop list and unguided (the model's defaults
 otherwise), and credits each photo's CIDEr-D change to the tags its guided caption names and its
 unguided one does not. A noun is on the list when that change averages -10 points or worse over at
-least 3 photos. Prints every noun with a change, worst first, then the list. Development photos only.
+least 3 photos. Prints each data set's scores without a stop list, every noun with a change, worst
+first, then the list. Development photos only.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import collections
 from pathlib import Path
 
 import numpy as np
-from tune_guidance import DATASETS, features
+from tune_guidance import DATASETS, features, score
 
 from captioner import Captioner, metrics
 from captioner.evaluate import decode_features
@@ -46,6 +47,9 @@ def main() -> None:
         feats, refs = features(cap, name, args.cache)
         on, off = guided_without_stop(cap, feats), decode_features(cap, feats, options=cap.options(guide="off"))
         cider = metrics.CiderD([[tokenize(r) for r in rs] for rs in refs])
+        r = score(on, refs, {})
+        print(f"{name}, guided with no stop list: CIDEr-D {r['cider']:.2f}, BLEU-4 {r['bleu4']:.2f}, "
+              f"object-mention F1 {r['mention_f1']:.2f}")
         for b, (tags, h1, h0) in enumerate(zip(cap.tag_features(feats), on, off)):
             if h1 != h0:
                 d = 100 * (cider.score(tokenize(h1), b) - cider.score(tokenize(h0), b))
