@@ -252,7 +252,7 @@ class Runtime:
         apart from them, the k best finished captions; all ranked together by score plus tag bonus."""
         m = machine([ids for ids, _ in constraints])
         end, k, S, kind = self.vocab.end, o.beam_size, m.states, o.length_penalty
-        guide = _Guide(m, len(self.vocab))
+        guide, most = _Guide(m, len(self.vocab)), sum(o.guide_weight * p for _, p in constraints)
         ctx, state = np.repeat(ctx, S * k, axis=0), [np.repeat(x, S * k, axis=1) for x in state]
         tokens = np.full(S * k, self.vocab.start)
         scores = np.full((S, k), -np.inf, np.float32)
@@ -277,7 +277,11 @@ class Runtime:
             rows, tokens = np.take_along_axis(rows, live, 1).ravel(), np.take_along_axis(tok, live, 1).ravel()
             seqs = [seqs[r] + [int(w)] for r, w in zip(rows, tokens)]
             state = [x[:, rows] for x in state]
-            if guide.finished(pool, scores, pen):
+            nth = sorted(_ranks(pool, pool_seqs, constraints, o.guide_weight, end)[1], reverse=True)[o.n_best - 1]
+            ended, done = guide.finished(pool, scores, pen, nth, most)
+            if ended:
+                scores[0] = -np.inf  # as plain search stops: no longer feeds the later states
+            if done:
                 final, final_seqs = pool, pool_seqs
                 break
         else:  # max_len reached: the unfinished prefixes are captions too
@@ -320,16 +324,26 @@ class _Guide:
             word = np.where(came, self.words[moved % L], word)
         return np.take_along_axis(pool, idx, 1), from_state * k + beam, word
 
-    def finished(self, pool: np.ndarray, scores: np.ndarray, pen) -> bool:
-        """Whether, in each state, k finished captions no live prefix able to reach it would beat."""
-        return bool((pool[:, -1] >= np.maximum.accumulate(scores[:, 0] / pen)).all())
+    def finished(self, pool: np.ndarray, scores: np.ndarray, pen, nth: float, most: float) -> tuple[bool, bool]:
+        """As search._Guide.finished (state 0 ended, done): nth is the n_best-th best rank of the
+        finished captions, most the bonus of every constraint together."""
+        reach = np.maximum.accumulate(scores[:, 0] / pen)
+        converged = pool[:, -1] >= reach
+        hopeless = reach.astype(np.float64) + most <= nth
+        hopeless[0] = False
+        return bool(converged[0]), bool((converged | hopeless).all())
+
+
+def _ranks(final: np.ndarray, final_seqs: list, constraints, weight: float, end: int) -> tuple[list, list]:
+    """Every state's finished captions as (score, tokens), and their ranks as search._Guide.rank: score
+    plus weight times the probability of each constraint a caption names."""
+    flat = [(float(sc), _strip(seq, end)) for row, seqs in zip(final, final_seqs) for sc, seq in zip(row, seqs)]
+    return flat, [sc + sum(weight * p for ids, p in constraints if set(ids) & set(tokens)) for sc, tokens in flat]
 
 
 def _ranked(final: np.ndarray, final_seqs: list, constraints, weight: float, n_best: int, end: int) -> list:
-    """The n_best distinct finished captions of every state, ranked as search._Guide.rank: score plus
-    weight times the probability of each constraint a caption names."""
-    flat = [(float(sc), _strip(seq, end)) for row, seqs in zip(final, final_seqs) for sc, seq in zip(row, seqs)]
-    rank = [sc + sum(weight * p for ids, p in constraints if set(ids) & set(tokens)) for sc, tokens in flat]
+    """The n_best distinct finished captions of every state, best rank first (_ranks)."""
+    flat, rank = _ranks(final, final_seqs, constraints, weight, end)
     out, seen = [], set()
     for j in np.argsort(-np.array(rank, np.float64), kind="stable"):
         sc, tokens = flat[j]
