@@ -98,11 +98,12 @@ def _prepare(checkpoint: Path, sha: str) -> tuple[Path, dict]:
         _, route = _cached(checkpoint, sha)
         if route is not None and (not route["bundle"] or _intact(folder)):
             return folder, route  # another process made it while this one waited
-        print(f"captioner: preparing {checkpoint.name} for onnxruntime, once per checkpoint (about a minute): "
-              f"{folder}", file=sys.stderr, flush=True)
+        # Imported first: without torch, the one line the user reads is the training extra's advice.
         from .export import ExportError, export_bundle
         from .inference import Captioner
 
+        print(f"captioner: preparing {checkpoint.name} for onnxruntime, once per checkpoint (about a minute): "
+              f"{folder}", file=sys.stderr, flush=True)
         cap = Captioner.load(checkpoint, device="cpu", engine="torch")
         d = cap.config.decode
         route = {"format": ROUTE_FORMAT, "engine": d.engine, "precision": d.precision, "method": d.method,

