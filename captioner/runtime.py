@@ -42,6 +42,8 @@ PENALTIES = ("none", "avg", "wu")
 SECTIONS = ("files", "vocab", "preprocess", "decode", "decoder")  # what Runtime reads from the manifest
 # The decoding options a bundle's manifest sets and a call may override (as Captioner.options).
 OPTIONS = ("beam_size", "max_len", "length_penalty", "alpha", "guide", "guide_threshold", "guide_max", "guide_weight")
+# The checkpoint's settings the manifest records beside them, which the runtime does not follow (captioner.bundles).
+ROUTE = ("method", "engine", "precision")
 
 
 class BundleError(ValueError):

@@ -1,4 +1,5 @@
-"""`captioner caption` on a CPU: served from the checkpoint's cached bundle without torch, with torch's captions."""
+"""`captioner caption` on a CPU: served from the checkpoint's bundle (the shipped one, else the cached export)
+without torch, with torch's captions."""
 from __future__ import annotations
 
 import json
@@ -11,14 +12,26 @@ import time
 import pytest
 from conftest import FLICKR8K, ROOT, requires_flickr8k
 
+from captioner import bundles
+from captioner.files import DEFAULT_CHECKPOINT, file_sha256
+from captioner.runtime import OPTIONS, ROUTE, Runtime, read_manifest
+
 # The child cannot import torch or torchvision: a caption served from the bundle must not need them.
 NO_TORCH = "import sys\nfor m in ('torch', 'torchvision'): sys.modules[m] = None\n"
+# Nor reach a network (local sockets still work: a reader process hands over pixels through one).
+OFFLINE = """import socket
+def connect(sock, address, connect=socket.socket.connect):
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        raise OSError("no network in this test")
+    return connect(sock, address)
+socket.socket.connect = connect
+"""
 RUN_CLI = "from captioner.cli import main\nsys.exit(main(sys.argv[1:]))\n"
 DEMO = sorted(str(p) for p in (ROOT / "demo" / "examples").glob("*.jpg"))
 
 
 def captioner(cache, *args: str, torch: bool = True) -> subprocess.CompletedProcess:
-    code = ("import sys\n" if torch else NO_TORCH) + RUN_CLI
+    code = ("import sys\n" if torch else NO_TORCH) + OFFLINE + RUN_CLI
     env = {**os.environ, "CAPTIONER_CACHE": str(cache)}
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT, env=env,
                           timeout=600)
@@ -46,9 +59,9 @@ def test_first_use_prepares_the_bundle_offline_then_captions_without_torch(tiny_
 def test_without_torch_and_without_a_bundle_the_advice_is_one_line(tiny_run, tmp_path):
     _, model = tiny_run
     r = captioner(tmp_path, "caption", DEMO[0], "-c", str(model), torch=False)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1] == ("captioner caption: this needs torch, which comes with the "
-                                                 "training extra: pip install 'captioner[train]'")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.splitlines() == ["captioner caption: this needs torch, which comes with the training extra: "
+                                     "pip install 'captioner[train]'"]
 
 
 def test_a_cache_others_can_write_is_refused_not_run(tiny_run, tmp_path):
@@ -69,16 +82,44 @@ def test_bad_options_fail_before_any_model_loads(tmp_path):
     assert r.returncode == 2 and "beam_size must be an integer >= 1" in r.stderr, r.stderr
 
 
+def test_the_shipped_bundle_is_the_shipped_checkpoints():
+    """Regenerate it with `captioner export --out captioner/assets/flickr8k_lite0.bundle` when this fails."""
+    from captioner.inference import Captioner
+
+    manifest = read_manifest(bundles.SHIPPED)  # every file's SHA-256 checked
+    assert manifest["made_by"]["checkpoint_sha256"] == file_sha256(DEFAULT_CHECKPOINT)
+    by_torch = Captioner.load(device="cpu")
+    assert manifest["vocab"] == by_torch.vocab.to_dict()
+    assert {k: manifest["decode"][k] for k in OPTIONS + ROUTE} == {k: getattr(by_torch.config.decode, k)
+                                                                   for k in OPTIONS + ROUTE}
+    want, got = by_torch.caption(DEMO, n_best=2), Runtime(bundles.SHIPPED).caption(DEMO, n_best=2)
+    assert [[h["caption"] for h in hyps] for hyps in got] == [[h["caption"] for h in hyps] for hyps in want]
+    assert [hyps[0]["tags"] for hyps in got] == [hyps[0]["tags"] for hyps in want]
+    assert all(abs(g["score"] - w["score"]) < 1e-3 for gs, ws in zip(got, want) for g, w in zip(gs, ws))
+    # The checkpoint's fp16 decoder and classifier weights stay fp16 in the graphs (cast back when they load).
+    assert sum(f.stat().st_size for f in bundles.SHIPPED.iterdir()) < 35e6
+
+
 @requires_flickr8k()
-def test_the_shipped_model_captions_real_photos_as_torch_does(tmp_path):
+def test_the_shipped_model_captions_at_first_use_offline_as_torch_does(tmp_path):
+    """An empty cache, no torch, no network: the shipped bundle serves at once, with nothing to prepare."""
     names = (FLICKR8K / "Flickr_8k.devImages.txt").read_text().split()[:40]
     photos = [str(FLICKR8K / "Flicker8k_Dataset" / n) for n in names] + DEMO
-    by_torch = captioner(tmp_path, "caption", *photos, "--engine", "torch")
+    by_torch = captioner(tmp_path / "torch", "caption", *photos, "--engine", "torch")
     assert by_torch.returncode == 0, by_torch.stderr
-    captioner(tmp_path, "caption", DEMO[0])  # prepares the bundle
-    served = captioner(tmp_path, "caption", *photos, torch=False)
-    assert served.returncode == 0, served.stderr
+    served = captioner(tmp_path / "empty", "caption", *photos, torch=False)
+    assert served.returncode == 0 and served.stderr == "", served.stderr
     assert served.stdout == by_torch.stdout and len(served.stdout.splitlines()) == len(photos)
+    assert not (tmp_path / "empty" / "bundles").exists()  # nothing exported
+
+
+def test_a_shipped_bundle_of_another_checkpoint_is_never_used(tiny_run, tmp_path, monkeypatch, capsys):
+    _, model = tiny_run
+    monkeypatch.setenv("CAPTIONER_CACHE", str(tmp_path))
+    monkeypatch.setattr(bundles, "DEFAULT_CHECKPOINT", model)  # a replaced shipped checkpoint, its bundle not
+    served = bundles.load(device="cpu")
+    assert served.manifest["made_by"]["checkpoint_sha256"] == file_sha256(model)  # exported, not the shipped one
+    assert capsys.readouterr().err.startswith(f"captioner: preparing {model.name} for onnxruntime")
 
 
 @pytest.mark.parametrize("args", [["--engine", "torch"], ["--precision", "bf16"]])

@@ -1,9 +1,15 @@
 """The package's import graph: no circle of modules, and commands load only what they use."""
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from captioner.files import DEFAULT_CHECKPOINT
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -23,9 +29,10 @@ sys.exit(code)
 """
 
 
-def captioner_without_torch(*args: str) -> subprocess.CompletedProcess:
+def captioner_without_torch(*args: str, cache: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **({"CAPTIONER_CACHE": str(cache)} if cache else {})}
     return subprocess.run([sys.executable, "-c", NO_TORCH, *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=120)
+                          timeout=120, env=env)
 
 
 def test_no_import_cycle_counting_imports_inside_functions():
@@ -49,10 +56,26 @@ def test_help_and_argument_errors_do_not_import_torch():
         assert r.returncode == 2 and "usage: captioner" in r.stderr and "Traceback" not in r.stderr, (bad, r.stderr)
 
 
-def test_a_command_that_needs_the_training_extra_says_so_in_one_line(tmp_path):
-    config = tmp_path / "c.yaml"
-    config.write_text("{}\n")
-    r = captioner_without_torch("train", "--config", str(config))
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines() == ["captioner train: this needs torch, which comes with the training "
-                                             "extra: pip install 'captioner[train]'"]
+@pytest.mark.parametrize("args", [
+    ["train", "--config", "configs/tiny.yaml"], ["extract-features", "--config", "configs/tiny.yaml"],
+    ["export", "--out", "{tmp}/bundle"], ["finetune", "--data", "{tmp}/captions.csv", "--out", "{tmp}/run"],
+    ["evaluate", "--data", "{tmp}", "--split", "dev"],
+    ["evaluate", "--data", "{tmp}", "--split", "dev", "--engine", "torch"],
+    ["caption", "demo/examples/cat.jpg", "--engine", "torch"],
+    ["caption", "demo/examples/cat.jpg", "-c", "{tmp}/mine.pt"],  # a checkpoint of one's own: its bundle is exported
+], ids=lambda args: " ".join(a for a in args if "{tmp}" not in a))
+def test_a_command_that_needs_the_training_extra_says_so_in_one_line(tmp_path, args):
+    shutil.copyfile(DEFAULT_CHECKPOINT, tmp_path / "mine.pt")
+    r = captioner_without_torch(*(a.format(tmp=tmp_path) for a in args), cache=tmp_path / "cache")
+    assert (r.returncode, r.stdout) == (2, "")
+    assert r.stderr.splitlines() == [f"captioner {args[0]}: this needs torch, which comes with the training extra: "
+                                     "pip install 'captioner[train]'"]
+
+
+def test_serve_without_gradio_says_so_in_one_line(tmp_path):
+    code = "import sys\nsys.modules['gradio'] = None\n" + NO_TORCH  # an install made with --no-deps
+    r = subprocess.run([sys.executable, "-c", code, "serve", "--port", "0"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120, env={**os.environ, "CAPTIONER_CACHE": str(tmp_path)})
+    assert r.returncode == 2
+    assert r.stderr.splitlines() == ["captioner serve: the demo UI needs gradio: pip install gradio "
+                                     "(or serve --no-ui, the API alone)"]
