@@ -6,6 +6,7 @@ always says how it was made.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -176,8 +177,17 @@ class Config:
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "decode": DecodeConfig}
 
 
+# Keys that no longer mean anything: dropped with a warning, so checkpoints and configs written with them
+# still load (guide_margin: the guided search ranks by guide_weight instead).
+_RETIRED = {("decode", "guide_margin"): "the guided search ranks captions by guide_weight instead"}
+
+
 def _section(name: str, values: dict):
     klass = _SECTIONS[name]
+    for (section, key), why in _RETIRED.items():
+        if section == name and key in values:
+            values = {k: v for k, v in values.items() if k != key}
+            warnings.warn(f"config {name}.{key} is no longer used and is ignored: {why}", FutureWarning, stacklevel=3)
     known = {f.name for f in dataclasses.fields(klass)}
     unknown = set(values) - known
     if unknown:

@@ -77,6 +77,9 @@ def test_config_rejects_unknown_keys_and_parses_overrides():
     assert load_config(None, ["train.lr=5e-3"]).train.lr == 0.005
     with pytest.raises(ValueError, match="train.lr must be a number"):
         load_config(None, ["train.lr=fast"])
+    # A retired key (checkpoints written with it) loads with a warning, and changes nothing.
+    with pytest.warns(FutureWarning, match="guide_margin is no longer used"):
+        assert load_config(None, ["decode.guide_margin=2.0"]).decode == load_config(None, []).decode
 
 
 def test_coco_vgg16_config_loads_and_fails_only_for_missing_weights_and_data(monkeypatch, tmp_path, capsys):
