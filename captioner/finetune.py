@@ -322,9 +322,9 @@ def _choose_point(out: Path, base_cfg: Config, before: Captioner, new_data, s: S
 
 def _why(chosen: Point | None, report: Report, budget: float) -> tuple[float, str]:
     """(the chosen alpha, the reason in words)."""
+    if math.isinf(budget):
+        return chosen.alpha, "the best validation CIDEr-D (--forget-budget inf: the old data is not weighed)"
     if isinstance(report.base_dev, str):
-        if math.isinf(budget):
-            return chosen.alpha, "the best validation CIDEr-D (--forget-budget inf: the old data is not weighed)"
         return chosen.alpha, (f"fixed: the starting model's dev data is not here, so what it forgets cannot be "
                               f"measured; alpha {UNMEASURED_ALPHA} is the point measured to keep the old world on "
                               f"COCO-MINI from the shipped model (docs/finetune.md)")
