@@ -7,7 +7,7 @@
     captioner train --config runs/concept/base.yaml
     # 3. fine-tune it on the concept photos
     captioner finetune --data runs/concept/concept_train.jsonl --images ../shared/data/flickr8k/Flicker8k_Dataset \
-        --from runs/concept/base/best.pt --out runs/concept/finetuned
+        --checkpoint runs/concept/base/best.pt --out runs/concept/finetuned
     # 4. dev photos of the concept vs the rest of dev, before and after
     python scripts/leave_concept_out.py report --out runs/concept runs/concept/base/best.pt \
         runs/concept/finetuned/best.pt
