@@ -7,7 +7,7 @@
     captioner train --config runs/concept/base.yaml
     # 3. fine-tune it on the concept photos
     captioner finetune --data runs/concept/concept_train.jsonl --images ../shared/data/flickr8k/Flicker8k_Dataset \
-        --from runs/concept/base/best.pt --out runs/concept/finetuned
+        --checkpoint runs/concept/base/best.pt --out runs/concept/finetuned
     # 4. dev photos of the concept vs the rest of dev, before and after
     python scripts/leave_concept_out.py report --out runs/concept runs/concept/base/best.pt \
         runs/concept/finetuned/best.pt
@@ -82,13 +82,15 @@ def report(args) -> None:
     for path in args.checkpoints:
         cap = Captioner.load(path, device="cpu")
         row = {}
+        # hit rate: the share of captions naming the concept (on the rest of dev: false positives)
         for name, idx in (("concept", concept), ("rest", rest)):
             row[name] = scores(cap, feats[idx], [dev[i] for i in idx])
-        row["concept"]["hit_rate"] = 100 * float(np.mean([bool(words & set(tokenize(h)))
-                                                          for h in decode_features(cap, feats[concept])]))
+            row[name]["hit_rate"] = 100 * float(np.mean([bool(words & set(tokenize(h)))
+                                                         for h in decode_features(cap, feats[idx])]))
         rows[path] = row
         print(f"{path}: concept dev ({len(concept)} photos) hit rate {row['concept']['hit_rate']:.1f}%, "
-              f"BLEU-4 {row['concept']['bleu4']:.2f}; rest of dev ({len(rest)}) BLEU-4 {row['rest']['bleu4']:.2f}")
+              f"BLEU-4 {row['concept']['bleu4']:.2f}; rest of dev ({len(rest)}) BLEU-4 {row['rest']['bleu4']:.2f}, "
+              f"names the concept in {row['rest']['hit_rate']:.1f}%")
     (out / "report.json").write_text(json.dumps(rows, indent=1) + "\n")
 
 

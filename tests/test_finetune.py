@@ -192,6 +192,8 @@ def _old_dev_scores(tiny_cfg, model_path):
 
 
 def test_the_chosen_model_forgets_no_more_than_the_budget(tiny_run, user_photos, tmp_path):
+    from captioner.interpolation import within
+
     cfg, start = tiny_run
     before = _old_dev_scores(cfg, start)
     # A high learning rate on new data only: the fine-tuned model alone drifts from the old shapes.
@@ -199,6 +201,8 @@ def test_the_chosen_model_forgets_no_more_than_the_budget(tiny_run, user_photos,
                       settings=Settings(start=str(start), epochs=3, lr=3e-2, forget_budget=1.0, device="cpu",
                                         workers=0))
     assert isinstance(report.base_dev, dict) and report.base_dev["before"] == pytest.approx(before)
+    # The rule had to act: the fine-tuned model alone forgets more than the budget allows.
+    assert not within(report.base_dev["finetuned"], before, 1.0) and report.alpha < 1.0
     after = _old_dev_scores(cfg, tmp_path / "run" / "best.pt")  # scored again, from the written model
     assert before["bleu4"] - after["bleu4"] <= 1.0 and before["cider"] - after["cider"] <= 3.0
     assert after == pytest.approx(report.base_dev["after"])
