@@ -217,7 +217,8 @@ def beam_search(decoder, feats, *, start, end, beam_size=3, max_len=20, length_p
 
     for t in range(max_len):
         n = images.shape[0]
-        logp, state = decoder.step(ctx, tokens, state)
+        live = search.scores.view(-1) > float("-inf")
+        logp, state = decoder.step(ctx, tokens, state) if t == 0 else _step_live(decoder, ctx, tokens, state, live)
         cand = search.scores.view(n, S, k, 1) + _ban(logp, banned).view(n, S, k, V)
         pen = penalty(torch.tensor(t + 1), length_penalty, alpha)
         src, tokens = search.advance(*guide.candidates(cand, k), t, pen)
@@ -239,6 +240,26 @@ def beam_search(decoder, feats, *, start, end, beam_size=3, max_len=20, length_p
         final = torch.cat([search.pool, search.scores / penalty(torch.tensor(max_len), length_penalty, alpha)], 1)
         emit(torch.ones_like(images, dtype=torch.bool), final, torch.cat([search.pool_seqs, search.seqs], 1))
     return results
+
+
+def _step_live(decoder, ctx, tokens, state, live: torch.Tensor):
+    """decoder.step on the rows whose prefix is alive; the others get -inf log-probs and keep their
+    state, which no finite score will ever read. Most rows of a guided batch are dead: the states an
+    image's machine lacks (the batch has as many as its image with the most tags) or has not reached.
+    (Not the first step, whose state may be None: the decoder makes it.)"""
+    if bool(live.all()):
+        return decoder.step(ctx, tokens, state)
+    idx = live.nonzero().squeeze(1)
+    logp, sub = decoder.step(ctx.index_select(0, idx), tokens[idx], reorder_state(state, idx))
+    full = logp.new_full((live.shape[0], logp.shape[1]), float("-inf")).index_copy_(0, idx, logp)
+    return full, _put_state(state, idx, sub)
+
+
+def _put_state(state, idx: torch.Tensor, sub):
+    """The recurrent state with rows idx (dim 1) replaced by sub's, for a tensor or a tuple of them."""
+    if isinstance(state, torch.Tensor):
+        return state.index_copy(1, idx, sub)
+    return tuple(_put_state(s, idx, u) for s, u in zip(state, sub))
 
 
 def _best(rank: torch.Tensor, final: torch.Tensor, final_seqs: torch.Tensor, n_best: int, end: int
