@@ -1,4 +1,4 @@
-"""Which engine serves `captioner caption`: the model's exported bundle in onnxruntime, or the torch Captioner.
+"""What serves caption, caption-dir, alt-text, demo and serve: a bundle in onnxruntime, or the torch Captioner.
 
 On a CPU the bundle (`captioner export`'s three ONNX graphs, captioned by captioner.runtime)
 gives the torch Captioner's captions without importing torch, which is most of a cold
