@@ -8,7 +8,9 @@ background load hits both alike; each figure is a median over repeats after a wa
   extract_speedup       `extract-features` images/s (features.extract into a fresh cache), the same
                         ratio. Goal >= 4x.
   latency_p50_ms/_p95   `Captioner.caption(path)`, one photo at a time (open, preprocess, encode,
-                        search), the model's own decode settings, default engine. Goal p50 <= 20 ms.
+                        search), the model's own decode settings, default engine. Information.
+  latency_p50_ms_runtime  the same with what the CLI, demo and service caption with on a CPU
+                        (bundles.load: the bundle in the torch-free runtime). Goal p50 <= 15 ms.
   guide_caption_dir_ratio  caption-dir images/s with the model's guided search ÷ with --guide off,
                         default engine. Goal >= 0.8.
   guide_latency_ratio   single-image latency p50, guided ÷ --guide off. Goal <= 1.3.
@@ -36,6 +38,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # extract-features' progress bar wou
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from captioner import bundles  # noqa: E402
 from captioner.data import Example  # noqa: E402
 from captioner.encoder_engine import resolve_engine  # noqa: E402
 from captioner.features import extract  # noqa: E402
@@ -112,11 +115,16 @@ def run(checkpoint: str | Path | None = None, n_images: int = 200, batch_size: i
             unguided.append(n_images / _caption_dir(caps["auto"], folder, batch_size, workers, tmp, guide="off"))
             stages.append(_stages(caps["auto"], files[:n_images], batch_size))
             efficiency.append(cdir["auto"][-1] * sum(stages[-1].values()))
-    latencies = {e: [] for e in [*ENGINES, "unguided"]}
+    # What the CLI, demo and service caption with on a CPU: the bundle in the torch-free runtime.
+    runtime = bundles.load(checkpoint, device=device)
+    runtime.caption(files[0])
+    latencies = {e: [] for e in [*ENGINES, "unguided", "runtime", "runtime_unguided"]}
     for f in files[:latency_images]:
         for e, cap in caps.items():
             latencies[e].append(_seconds(lambda cap=cap, f=f: cap.caption(f)) * 1000)
         latencies["unguided"].append(_seconds(lambda f=f: caps["auto"].caption(f, guide="off")) * 1000)
+        latencies["runtime"].append(_seconds(lambda f=f: runtime.caption(f)) * 1000)
+        latencies["runtime_unguided"].append(_seconds(lambda f=f: runtime.caption(f, guide="off")) * 1000)
     med = statistics.median
     d = caps["auto"].config.decode
     r = {
@@ -130,6 +138,9 @@ def run(checkpoint: str | Path | None = None, n_images: int = 200, batch_size: i
                                            / np.percentile(latencies["unguided"], 50)), 2),
         "caption_dir_images_per_s_unguided": round(med(unguided), 1),
         "latency_p50_ms_unguided": round(float(np.percentile(latencies["unguided"], 50)), 1),
+        "runtime": type(runtime).__name__,
+        "latency_p50_ms_runtime": round(float(np.percentile(latencies["runtime"], 50)), 1),
+        "latency_p50_ms_runtime_unguided": round(float(np.percentile(latencies["runtime_unguided"], 50)), 1),
         "engine": resolve_engine("auto", caps["auto"].device),
     }
     for e, name in (("auto", "default"), ("torch", "torch")):
