@@ -280,10 +280,7 @@ class Runtime:
             seqs = [seqs[r] + [int(w)] for r, w in zip(rows, tokens)]
             state = [x[:, rows] for x in state]
             nth = sorted(_ranks(pool, pool_seqs, constraints, o.guide_weight, end)[1], reverse=True)[o.n_best - 1]
-            ended, done = guide.finished(pool, scores, pen, nth, most)
-            if ended:
-                scores[0] = -np.inf  # as plain search stops: no longer feeds the later states
-            if done:
+            if guide.finished(pool, scores, pen, nth, most):
                 final, final_seqs = pool, pool_seqs
                 break
         else:  # max_len reached: the unfinished prefixes are captions too
@@ -326,14 +323,14 @@ class _Guide:
             word = np.where(came, self.words[moved % L], word)
         return np.take_along_axis(pool, idx, 1), from_state * k + beam, word
 
-    def finished(self, pool: np.ndarray, scores: np.ndarray, pen, nth: float, most: float) -> tuple[bool, bool]:
-        """As search._Guide.finished (state 0 ended, done): nth is the n_best-th best rank of the
-        finished captions, most the bonus of every constraint together."""
+    def finished(self, pool: np.ndarray, scores: np.ndarray, pen, nth: float, most: float) -> bool:
+        """As search._Guide.finished: nth is the n_best-th best rank of the finished captions, most the
+        bonus of every constraint together."""
         reach = np.maximum.accumulate(scores[:, 0] / pen)
         converged = pool[:, -1] >= reach
         hopeless = reach.astype(np.float64) + most <= nth
         hopeless[0] = False
-        return bool(converged[0]), bool((converged | hopeless).all())
+        return bool((converged | hopeless).all())
 
 
 def _ranks(final: np.ndarray, final_seqs: list, constraints, weight: float, end: int) -> tuple[list, list]:

@@ -152,19 +152,19 @@ class _Guide:
         rows = (torch.arange(n, device=cand.device).view(n, 1, 1) * S + from_state) * k + beam
         return top.view(n * S, -1), rows.view(n * S, -1), word.view(n * S, -1)
 
-    def finished(self, pool, pool_seqs, scores, pen, n_best: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(n,) twice: the images whose state 0 has ended, as plain beam search ends (its k finished
-        captions beat its live prefixes), and the images done: in each state, k finished captions
-        that no live prefix able to reach it (its own, or one of an earlier state) would beat, or, past
-        state 0, no live prefix there that could rank among the image's n_best even naming every
-        constraint. Without constraints the search is plain beam search."""
+    def finished(self, pool, pool_seqs, scores, pen, n_best: int) -> torch.Tensor:
+        """(n,) the images done: in each state, k finished captions that no live prefix able to reach it
+        (its own, or one of an earlier state) would beat, or, past state 0, no live prefix there that
+        could rank among the image's n_best even naming every constraint. State 0's prefixes feed the
+        later states until the end: stopping them once state 0 alone is done (as plain beam search
+        stops) cost COCO mini BLEU-4 1.1 and CIDEr 1.1. Without constraints this is plain beam search."""
         n, S = self.reachable.shape
         reach = (scores.view(n, S, -1)[..., 0] / pen).cummax(1).values
         converged = pool.view(n, S, -1)[..., -1] >= reach
         nth = self.rank(pool, pool_seqs).topk(n_best, dim=1).values[:, -1:]
         hopeless = reach.double() + self.bonus.sum(1, keepdim=True) <= nth
         hopeless[:, 0] = False
-        return converged[:, 0], (converged | hopeless | ~self.reachable).all(1)
+        return (converged | hopeless | ~self.reachable).all(1)
 
     def rank(self, final: torch.Tensor, final_seqs: torch.Tensor) -> torch.Tensor:
         """final (n*S, K) scores, final_seqs (n*S, K, T) -> (n, S*K): each finished caption's score plus
@@ -223,9 +223,7 @@ def beam_search(decoder, feats, *, start, end, beam_size=3, max_len=20, length_p
         pen = penalty(torch.tensor(t + 1), length_penalty, alpha)
         src, tokens = search.advance(*guide.candidates(cand, k), t, pen)
         state = reorder_state(state, src)
-        ended, done = guide.finished(search.pool, search.pool_seqs, search.scores, pen, n_best)
-        # An ended state 0 stops as plain search does: its prefixes no longer feed the later states.
-        search.scores.view(n, S, k)[:, 0].masked_fill_(ended[:, None], float("-inf"))
+        done = guide.finished(search.pool, search.pool_seqs, search.scores, pen, n_best)
         if done.any():
             emit(done, search.pool, search.pool_seqs)
             keep = ~done
