@@ -217,8 +217,7 @@ def beam_search(decoder, feats, *, start, end, beam_size=3, max_len=20, length_p
 
     for t in range(max_len):
         n = images.shape[0]
-        live = search.scores.view(-1) > float("-inf")
-        logp, state = decoder.step(ctx, tokens, state) if t == 0 else _step_live(decoder, ctx, tokens, state, live)
+        logp, state = _step_live(decoder, ctx, tokens, state, search.scores.view(-1) > float("-inf") if t else None)
         cand = search.scores.view(n, S, k, 1) + _ban(logp, banned).view(n, S, k, V)
         pen = penalty(torch.tensor(t + 1), length_penalty, alpha)
         src, tokens = search.advance(*guide.candidates(cand, k), t, pen)
@@ -244,8 +243,8 @@ def _step_live(decoder, ctx, tokens, state, live: torch.Tensor):
     """decoder.step on the rows whose prefix is alive; the others get -inf log-probs and keep their
     state, which no finite score will ever read. Most rows of a guided batch are dead: the states an
     image's machine lacks (the batch has as many as its image with the most tags) or has not reached.
-    (Not the first step, whose state may be None: the decoder makes it.)"""
-    if bool(live.all()):
+    live None: every row (the first step, whose state may be None: the decoder makes it)."""
+    if live is None or bool(live.all()):
         return decoder.step(ctx, tokens, state)
     idx = live.nonzero().squeeze(1)
     logp, sub = decoder.step(ctx.index_select(0, idx), tokens[idx], reorder_state(state, idx))
