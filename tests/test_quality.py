@@ -15,9 +15,9 @@ from captioner.inference import DEFAULT_CHECKPOINT
 
 N_IMAGES = 500
 # Measured on the committed model at its defaults (beam 3, Wu alpha 1.0, guided by its tags).
-MEASURED_BLEU4 = 21.46
+MEASURED_BLEU4 = 21.38
 MARGIN = 1.0
-MEASURED_DISTINCT_PCT = 84.0  # % distinct captions on the same images: self-critical collapse shows here first
+MEASURED_DISTINCT_PCT = 84.4  # % distinct captions on the same images: self-critical collapse shows here first
 DISTINCT_MARGIN = 5.0
 
 
