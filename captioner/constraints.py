@@ -7,8 +7,9 @@ machine over "which constraints are met". A caption counts once it meets `requir
 The machine here has, per image:
 - one state per set of met constraints smaller than `required`; state 0, the empty set, is where
   every caption starts, and its beams are the best captions that name no constraint;
-- one ACCEPTING state for every set of at least `required`: once enough are met, further
-  constraint words change nothing, so merging those states saves beams at no loss.
+- one ACCEPTING state for every set of at least `required`. Ranked by a bonus per constraint, sets
+  of the same size are worth different amounts, so guidance asks for all of its tags
+  (required = guide_max): then every set has its own state and ACCEPTING is all of them.
 With no constraints there is only state 0, which is plain beam search. The search ranks the
 finished captions of every state together (search.beam_search's bonus), so a caption that names
 no tag still wins where the ones that do read much worse.

@@ -142,7 +142,7 @@ class Captioner:
             return {}
         found = self.tagger.constraints(feats.float().cpu().numpy(), self.vocab.stoi,
                                         threshold=o.guide_threshold, most=o.guide_max)
-        return {"constraints": [[ids for ids, _ in c] for c in found],
+        return {"constraints": [[ids for ids, _ in c] for c in found], "required": o.guide_max,
                 "bonus": [[o.guide_weight * p for _, p in c] for c in found]}
 
     def format(self, hyps: list[Hypothesis], tags: list[dict] | None = None) -> list[dict]:

@@ -252,7 +252,7 @@ class Runtime:
     def _beam(self, ctx, state, o: DecodeConfig, constraints: list[tuple[tuple[int, ...], float]]):
         """search.beam_search for one image: per state of its constraint machine, k live prefixes and,
         apart from them, the k best finished captions; all ranked together by score plus tag bonus."""
-        m = machine([ids for ids, _ in constraints])
+        m = machine([ids for ids, _ in constraints], required=o.guide_max)
         end, k, S, kind = self.vocab.end, o.beam_size, m.states, o.length_penalty
         guide, most = _Guide(m, len(self.vocab)), sum(o.guide_weight * p for _, p in constraints)
         ctx, state = np.repeat(ctx, S * k, axis=0), [np.repeat(x, S * k, axis=1) for x in state]
@@ -328,7 +328,7 @@ class _Guide:
         bonus of every constraint together."""
         reach = np.maximum.accumulate(scores[:, 0] / pen)
         converged = pool[:, -1] >= reach
-        hopeless = reach.astype(np.float64) + most <= nth
+        hopeless = reach.astype(np.float64) + most < nth
         hopeless[0] = False
         return bool((converged | hopeless).all())
 
@@ -341,15 +341,10 @@ def _ranks(final: np.ndarray, final_seqs: list, constraints, weight: float, end:
 
 
 def _ranked(final: np.ndarray, final_seqs: list, constraints, weight: float, n_best: int, end: int) -> list:
-    """The n_best distinct finished captions of every state, best rank first (_ranks)."""
+    """The n_best finished captions of every state, best rank first (_ranks)."""
     flat, rank = _ranks(final, final_seqs, constraints, weight, end)
-    out, seen = [], set()
-    for j in np.argsort(-np.array(rank, np.float64), kind="stable"):
-        sc, tokens = flat[j]
-        if sc != -np.inf and tuple(tokens) not in seen and len(out) < n_best:
-            seen.add(tuple(tokens))
-            out.append((tokens, sc))
-    return out
+    order = np.argsort(-np.array(rank, np.float64), kind="stable")[:n_best]
+    return [(flat[j][1], flat[j][0]) for j in order if flat[j][0] != -np.inf]
 
 
 def _tagger(folder: Path, manifest: dict) -> Tagger:

@@ -103,7 +103,7 @@ class _Guide:
 
     def __init__(self, machines: list[Machine], vocab_size: int, dev, constraints, bonus):
         n, S = len(machines), max(m.states for m in machines)
-        C = max(1, *map(len, constraints))
+        C = max([1, *map(len, constraints)])
         W = max([1] + [len(ids) for c in constraints for ids in c])
         self.cwords = torch.full((n, C, W), -1, dtype=torch.long)  # each image's constraints' words (-1: none)
         self.bonus = torch.zeros(n, C, dtype=torch.float64)
@@ -162,7 +162,7 @@ class _Guide:
         reach = (scores.view(n, S, -1)[..., 0] / pen).cummax(1).values
         converged = pool.view(n, S, -1)[..., -1] >= reach
         nth = self.rank(pool, pool_seqs).topk(n_best, dim=1).values[:, -1:]
-        hopeless = reach.double() + self.bonus.sum(1, keepdim=True) <= nth
+        hopeless = reach.double() + self.bonus.sum(1, keepdim=True) < nth
         hopeless[:, 0] = False
         return (converged | hopeless | ~self.reachable).all(1)
 
@@ -261,20 +261,12 @@ def _put_state(state, idx: torch.Tensor, sub):
 
 def _best(rank: torch.Tensor, final: torch.Tensor, final_seqs: torch.Tensor, n_best: int, end: int
           ) -> list[list[Hypothesis]]:
-    """Per row of finished captions' ranks and scores (n, K) and sequences (n, K, T), its n_best
-    distinct captions, best rank first (one caption can finish in several states)."""
-    order = rank.argsort(dim=1, descending=True, stable=True)
-    out = []
-    for seqs, scores in zip(final_seqs.gather(1, order[..., None].expand(-1, -1, final_seqs.shape[2])).tolist(),
-                            final.gather(1, order).tolist()):
-        hyps, seen = [], set()
-        for seq, sc in zip(seqs, scores):
-            tokens = _strip(seq, end)
-            if sc != float("-inf") and tuple(tokens) not in seen and len(hyps) < n_best:
-                seen.add(tuple(tokens))
-                hyps.append(Hypothesis(tokens, sc))
-        out.append(hyps)
-    return out
+    """Per row of finished captions' ranks and scores (n, K) and sequences (n, K, T), its n_best best
+    rank first. A caption is in one state only (a word that would leave a state moves it on)."""
+    order = rank.argsort(dim=1, descending=True, stable=True)[:, :n_best]
+    best = final_seqs.gather(1, order[..., None].expand(-1, -1, final_seqs.shape[2])).tolist()
+    return [[Hypothesis(_strip(s, end), sc) for s, sc in zip(seqs, scores) if sc != float("-inf")]
+            for seqs, scores in zip(best, final.gather(1, order).tolist())]
 
 
 class _Beams:

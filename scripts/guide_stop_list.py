@@ -31,7 +31,7 @@ def guided_without_stop(cap: Captioner, feats) -> list[str]:
                                    stop=frozenset())
     hyps = beam_search(cap.decoder, feats, start=cap.vocab.start, end=cap.vocab.end, beam_size=o.beam_size,
                        max_len=o.max_len, length_penalty=o.length_penalty, alpha=o.alpha, banned=cap.vocab.banned,
-                       constraints=[[ids for ids, _ in c] for c in found],
+                       constraints=[[ids for ids, _ in c] for c in found], required=o.guide_max,
                        bonus=[[o.guide_weight * p for _, p in c] for c in found])
     return [cap.vocab.decode(h[0].tokens) for h in hyps]
 
