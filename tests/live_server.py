@@ -1,11 +1,13 @@
-"""A real uvicorn server on a free loopback port, run in a thread for the duration of a test module."""
+"""Real servers for tests: an app on uvicorn in a thread, or a `captioner serve` command in its own process."""
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from contextlib import contextmanager
 
+import httpx
 import uvicorn
 
 
@@ -29,3 +31,28 @@ def live_server(app, timeout: float = 30.0):
         server.should_exit = True
         thread.join(timeout)
         sock.close()
+
+
+@contextmanager
+def server_process(command: list[str], timeout: float = 120.0, **popen):
+    """Run a serve command with `--port` a free loopback port added; yields (base URL, process) once /healthz
+    answers 200, and stops the process after. popen: subprocess.Popen's keywords (cwd, env, stderr=PIPE ...)."""
+    with socket.socket() as s:  # the command binds the port itself: free now, taken by nothing else in a test run
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([*command, "--port", str(port)], **popen)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert proc.poll() is None, f"the server exited: {proc.stderr.read() if proc.stderr else ''}"
+            assert time.monotonic() < deadline, "the server did not come up"
+            try:
+                if httpx.get(url + "/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield url, proc
+    finally:
+        proc.terminate()
+        proc.wait(30)

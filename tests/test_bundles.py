@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 from conftest import FLICKR8K, ROOT, requires_flickr8k
+from live_server import server_process
 
 from captioner import bundles
 from captioner.files import DEFAULT_CHECKPOINT, file_sha256
@@ -139,26 +138,11 @@ def test_serve_runs_the_bundle_without_torch_with_torch_captions(tiny_run, tmp_p
 
     _, model = tiny_run
     assert captioner(tmp_path, "caption", DEMO[0], "-c", str(model)).returncode == 0  # prepares the bundle
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     code = NO_TORCH + ("" if ui else "sys.modules['gradio'] = None\n") + RUN_CLI
-    args = ["serve", "-c", str(model), "--port", str(port), *([] if ui else ["--no-ui"])]
-    server = subprocess.Popen([sys.executable, "-c", code, *args],
-                              cwd=ROOT, env={**os.environ, "CAPTIONER_CACHE": str(tmp_path)},
-                              stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, server.stderr.read()
-            assert time.monotonic() < deadline, "captioner serve did not come up"
-            try:
-                health = httpx.get(url + "/healthz")
-                break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        assert health.json() == {"status": "ok", "device": "cpu"}
+    args = ["serve", "-c", str(model), *([] if ui else ["--no-ui"])]
+    with server_process([sys.executable, "-c", code, *args], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                        env={**os.environ, "CAPTIONER_CACHE": str(tmp_path)}) as (url, _):
+        assert httpx.get(url + "/healthz").json() == {"status": "ok", "device": "cpu"}
         files = [("images", (os.path.basename(p), open(p, "rb").read(), "image/jpeg")) for p in DEMO[:3]]
         r = httpx.post(url + "/v1/captions", files=files, data={"n_best": "2"}, timeout=120)
         assert r.status_code == 200, r.text
@@ -169,9 +153,6 @@ def test_serve_runs_the_bundle_without_torch_with_torch_captions(tiny_run, tmp_p
         assert [row["tags"] for row in rows] == [hyps[0]["tags"] for hyps in by_torch]
         page = httpx.get(url + "/")
         assert "gradio" in page.text.lower() if ui else page.status_code == 404
-    finally:
-        server.terminate()
-        server.wait(30)
 
 
 def test_caption_dir_runs_the_bundle_without_torch_with_torch_captions(tiny_run, tmp_path):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ import httpx
 import pytest
 import torch
 from fixtures import png_header_only
-from live_server import live_server
+from live_server import live_server, server_process
 from PIL import Image
 from starlette.testclient import TestClient
 
@@ -331,25 +330,9 @@ assert "gradio" not in sys.modules, "gradio was imported"
 
 def test_cli_serve_answers_on_the_given_port(tiny_checkpoint, photos):
     """`captioner serve` end to end: the real entry point, its flags, the UI mounted at /."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "captioner.cli", "serve", "--checkpoint", str(tiny_checkpoint),
-                             "--host", "127.0.0.1", "--port", str(port), "--max-files", "1"])
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, "captioner serve exited"
-            assert time.monotonic() < deadline, "captioner serve did not come up"
-            try:
-                if httpx.get(url + "/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.3)
+    command = [sys.executable, "-m", "captioner.cli", "serve", "--checkpoint", str(tiny_checkpoint),
+               "--host", "127.0.0.1", "--max-files", "1"]
+    with server_process(command, timeout=90) as (url, _):
         assert httpx.post(url + "/v1/captions", files=upload(photos[0]), timeout=60).status_code == 200
         assert httpx.post(url + "/v1/captions", files=upload(*photos[:2]), timeout=60).status_code == 413
         assert "gradio" in httpx.get(url + "/").text.lower()
-    finally:
-        proc.terminate()
-        proc.wait(30)
