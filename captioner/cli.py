@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from .errors import CheckpointError, StaleCache, WeightsUnavailable, file_system_error, missing_package
+from .errors import UI_NEEDS, CheckpointError, StaleCache, WeightsUnavailable, file_system_error, missing_package
 from .output import Deprecated, decode_args, decode_options, print_captions
 
 
@@ -161,14 +161,20 @@ def cmd_demo(args):
 
 
 def cmd_serve(args):
+    from importlib.util import find_spec
+
     from . import bundles
     from .service import Limits, serve
 
+    ui = args.ui
+    if ui and find_spec("gradio") is None:  # a plain install (no ui extra) still serves what it can: the API
+        print(f"captioner serve: serving the API alone: the demo page at / needs {UI_NEEDS}", file=sys.stderr)
+        ui = False
     given = dict(max_files=args.max_files, max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
                  pixels_in_flight=args.pixels_in_flight)
     limits = Limits(**{k: v for k, v in given.items() if v is not None})  # unset: the service's defaults
     cap = bundles.load(args.checkpoint, device=args.device, precision=args.precision, engine=args.engine)
-    serve(cap, host=args.host, port=args.port, limits=limits, auth_token=args.auth_token, ui=args.ui)
+    serve(cap, host=args.host, port=args.port, limits=limits, auth_token=args.auth_token, ui=ui)
     return 0
 
 
@@ -327,12 +333,12 @@ def _finetune_training_args(p):
 
 def _server_parsers(sub):
     """demo and serve: the same model and network arguments, each its own default port."""
-    p = sub.add_parser("demo", help="the Gradio demo in the browser")
+    p = sub.add_parser("demo", help="the Gradio demo in the browser (the ui extra)")
     _model_args(p)
     _server_args(p, port=7860)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("serve", help="HTTP API (POST /v1/captions, docs at /docs) with the demo UI at /")
+    p = sub.add_parser("serve", help="HTTP API (POST /v1/captions, docs at /docs) with the demo UI at / (the ui extra)")
     _model_args(p)
     _server_args(p, port=8000)
     p.add_argument("--max-files", type=int, help="images per request (default 16)")

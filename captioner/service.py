@@ -1,4 +1,4 @@
-"""The HTTP API: POST /v1/captions, GET /healthz, OpenAPI docs at /docs, the Gradio UI at /.
+"""The HTTP API: POST /v1/captions, GET /healthz, OpenAPI docs at /docs, the Gradio UI at / (the ui extra).
 
 All requests (API and UI) share one model through a Batcher, so concurrent
 clients are batched and none runs the model at the same time as another. On a CPU
@@ -148,8 +148,8 @@ def create_app(captioner: Captioner | Runtime, limits: Limits = Limits(), ui: bo
         batcher.close()
 
     # FastAPIOffline serves the /docs page's scripts itself instead of from a CDN: it works offline.
-    app = FastAPIOffline(title="captioner", version=__version__, lifespan=lifespan,
-                         description="Image captioning: POST images, get captions. The demo UI is at /.")
+    description = "Image captioning: POST images, get captions." + (" The demo UI is at /." if ui else "")
+    app = FastAPIOffline(title="captioner", version=__version__, lifespan=lifespan, description=description)
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     app.state.batcher, app.state.budget = batcher, budget
     _add_error_handlers(app)

@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
+from live_server import server_process
 
 from captioner.files import DEFAULT_CHECKPOINT
 
@@ -27,6 +29,7 @@ except SystemExit as e:
     code = e.code
 sys.exit(code)
 """
+NO_GRADIO = "import sys\nsys.modules['gradio'] = None  # a plain install: no ui extra\n" + NO_TORCH
 
 
 def captioner_without_torch(*args: str, cache: Path | None = None) -> subprocess.CompletedProcess:
@@ -72,10 +75,26 @@ def test_a_command_that_needs_the_training_extra_says_so_in_one_line(tmp_path, a
                                      "pip install 'captioner[train]'"]
 
 
-def test_serve_without_gradio_says_so_in_one_line(tmp_path):
-    code = "import sys\nsys.modules['gradio'] = None\n" + NO_TORCH  # an install made with --no-deps
-    r = subprocess.run([sys.executable, "-c", code, "serve", "--port", "0"], capture_output=True, text=True, cwd=ROOT,
-                       timeout=120, env={**os.environ, "CAPTIONER_CACHE": str(tmp_path)})
-    assert r.returncode == 2
-    assert r.stderr.splitlines() == ["captioner serve: the demo UI needs gradio: pip install gradio "
-                                     "(or serve --no-ui, the API alone)"]
+def test_serve_without_gradio_serves_the_api_alone_and_says_so_in_one_line(tmp_path):
+    from captioner import bundles
+
+    cat = ROOT / "demo" / "examples" / "cat.jpg"
+    with server_process([sys.executable, "-c", NO_GRADIO, "serve"], cwd=ROOT, text=True, stderr=subprocess.PIPE,
+                        env={**os.environ, "CAPTIONER_CACHE": str(tmp_path)}) as (url, server):
+        assert httpx.get(url + "/healthz").json() == {"status": "ok", "device": "cpu"}
+        r = httpx.post(url + "/v1/captions", files=[("images", (cat.name, cat.read_bytes(), "image/jpeg"))], timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["results"] == [{"filename": cat.name, **bundles.load(device="cpu").caption(cat)}]
+        assert httpx.get(url + "/").status_code == 404  # no demo page
+    stderr = server.stderr.read()
+    assert "Traceback" not in stderr and [line for line in stderr.splitlines() if "captioner" in line] == [
+        "captioner serve: serving the API alone: the demo page at / needs gradio, which comes with the ui extra: "
+        "pip install 'captioner[ui]'"]
+
+
+def test_demo_without_gradio_says_so_in_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-c", NO_GRADIO, "demo", "--port", "0"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=120, env={**os.environ, "CAPTIONER_CACHE": str(tmp_path)})
+    assert (r.returncode, r.stdout) == (2, "")
+    assert r.stderr.splitlines() == ["captioner demo: the demo needs gradio, which comes with the ui extra: "
+                                     "pip install 'captioner[ui]'"]

