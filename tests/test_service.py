@@ -132,6 +132,7 @@ def test_openapi_docs_describe_the_endpoint(client):
     assert client.get("/docs").status_code == 200
     spec = client.get("/openapi.json").json()
     assert "/v1/captions" in spec["paths"] and "/healthz" in spec["paths"]
+    assert "demo UI" not in spec["info"]["description"]  # this app has none (ui=False)
 
 
 def test_pixel_limit_is_checked_before_decoding(client):
