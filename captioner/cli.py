@@ -166,8 +166,10 @@ def cmd_serve(args):
     from . import bundles
     from .service import Limits, serve
 
-    ui = args.ui
-    if ui and find_spec("gradio") is None:  # a plain install (no ui extra) still serves what it can: the API
+    ui, spec = args.ui, find_spec("gradio")
+    # A plain install (no ui extra) still serves what it can: the API. A folder named gradio in the
+    # working directory imports as an empty namespace package (no origin): that is no gradio either.
+    if ui and (spec is None or spec.origin is None):
         print(f"captioner serve: serving the API alone: the demo page at / needs {UI_NEEDS}", file=sys.stderr)
         ui = False
     given = dict(max_files=args.max_files, max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
