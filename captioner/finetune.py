@@ -88,6 +88,8 @@ class Report:
     chosen: str = "teacher forcing"  # which training stage gave OUT/finetuned.pt
     alpha: float = 1.0  # the chosen point: 0 the starting model, 1 the fine-tuned one
     why: str = ""
+    # the standard error of the chosen point's validation CIDEr-D change (gain_error); None: no point was kept
+    gain_error: float | None = None
     points: list[dict] = field(default_factory=list)  # every point tried: alpha, new (and old) scores
 
 
@@ -183,9 +185,21 @@ def scores(captioner: Captioner, feats, examples: list[Example]) -> dict[str, fl
     like coco-caption's) of the model's captions of cached features. No Java needed."""
     hyps = decode_features(captioner, feats)
     refs = [ex.captions for ex in examples]
+    return {"bleu4": bleu(hyps, refs)["bleu4"], "cider": float(_ciders(hyps, refs).mean())}
+
+
+def _ciders(hyps: list[str], refs: list[list[str]]) -> np.ndarray:
+    """Each caption's CIDEr-D (0-100), the idf from all these references."""
     cider = CiderD([[tokenize(r) for r in rs] for rs in refs])
-    return {"bleu4": bleu(hyps, refs)["bleu4"],
-            "cider": 100 * float(np.mean([cider.score(tokenize(h), i) for i, h in enumerate(hyps)]))}
+    return 100 * np.array([cider.score(tokenize(h), i) for i, h in enumerate(hyps)])
+
+
+def gain_error(before: Captioner, after: Captioner, feats, examples: list[Example]) -> float | None:
+    """The standard error of the validation CIDEr-D change from `before` to `after`, paired by photo: on a
+    few dozen photos one caption moves the mean by points, and the report says how far to trust it."""
+    refs = [ex.captions for ex in examples]
+    change = _ciders(decode_features(after, feats), refs) - _ciders(decode_features(before, feats), refs)
+    return float(change.std(ddof=1) / math.sqrt(len(change))) if len(change) > 1 else None
 
 
 # -- the flow -----------------------------------------------------------------------------
@@ -313,6 +327,7 @@ def _choose_point(out: Path, base_cfg: Config, before: Captioner, new_data, s: S
         checkpoint.save(out / "best.pt", config=tuned["config"], vocab=tuned["vocab"], encoder=tuned.get("encoder"),
                         decoder=interpolate(start["decoder"], tuned["decoder"], chosen.alpha, n_old))
         report.after = chosen.new
+        report.gain_error = gain_error(before, at(chosen.alpha), *new_data)
     if isinstance(report.base_dev, dict):
         report.base_dev["after"] = report.base_dev["before"] if chosen is None else chosen.old
         report.base_dev["finetuned"] = points[-1].old
@@ -389,5 +404,9 @@ def format_report(r: Report, out: str | Path) -> str:
         lines.append(f"{name:{width}}  {new['bleu4']:6.2f}  {new['cider']:7.2f}  {old_cols}")
     if not dev:
         lines.append(f"starting model's dev split {r.base_dev}")
+    if r.gain_error is not None:
+        lines.append(f"validation CIDEr-D change {r.after['cider'] - r.before['cider']:+.2f} ± {r.gain_error:.2f} "
+                     f"(standard error over the {r.val_images} validation photos: a change within about twice it "
+                     f"may be noise)")
     lines.append(f"alpha {r.alpha:.1f} (0: the starting model, 1: the fine-tuned one): {r.why}")
     return "\n".join(lines)

@@ -209,6 +209,8 @@ def test_the_chosen_model_forgets_no_more_than_the_budget(tiny_run, user_photos,
     assert (tmp_path / "run" / "finetuned.pt").is_file() and len(report.points) == 10
     text = format_report(report, tmp_path / "run")
     assert f"alpha {report.alpha:.1f}" in text and "--forget-budget 1" in text
+    assert report.gain_error is not None and report.gain_error >= 0.0
+    assert f"± {report.gain_error:.2f} (standard error over the {report.val_images} validation photos" in text
 
 
 def test_without_the_starting_model_s_data_the_run_says_what_it_skipped(tiny_run, user_photos, tmp_path):
