@@ -148,7 +148,18 @@ def cmd_finetune(args):
     return 0
 
 
+def _gradio_installed() -> bool:
+    """Whether the ui extra's gradio is there. A folder named gradio in the working directory imports as an
+    empty namespace package (a spec without an origin): that is no gradio either."""
+    from importlib.util import find_spec
+
+    spec = find_spec("gradio")
+    return spec is not None and spec.origin is not None
+
+
 def cmd_demo(args):
+    if not _gradio_installed():
+        raise ImportError("no gradio", name="gradio")  # main prints missing_package's one line
     from . import bundles
     from .limits import Limits
     from .ui import build_ui, launch_options
@@ -161,15 +172,11 @@ def cmd_demo(args):
 
 
 def cmd_serve(args):
-    from importlib.util import find_spec
-
     from . import bundles
     from .service import Limits, serve
 
-    ui, spec = args.ui, find_spec("gradio")
-    # A plain install (no ui extra) still serves what it can: the API. A folder named gradio in the
-    # working directory imports as an empty namespace package (no origin): that is no gradio either.
-    if ui and (spec is None or spec.origin is None):
+    ui = args.ui
+    if ui and not _gradio_installed():  # a plain install (no ui extra) still serves what it can: the API
         print(f"captioner serve: serving the API alone: the demo page at / needs {UI_NEEDS}", file=sys.stderr)
         ui = False
     given = dict(max_files=args.max_files, max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,

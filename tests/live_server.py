@@ -51,7 +51,8 @@ def server_process(command: list[str], timeout: float = 120.0, **popen):
                 if httpx.get(url + "/healthz").status_code == 200:
                     break
             except httpx.TransportError:
-                time.sleep(0.2)
+                pass
+            time.sleep(0.2)
         yield url, proc
     finally:
         proc.terminate()
