@@ -88,7 +88,8 @@ class Report:
     chosen: str = "teacher forcing"  # which training stage gave OUT/finetuned.pt
     alpha: float = 1.0  # the chosen point: 0 the starting model, 1 the fine-tuned one
     why: str = ""
-    # the standard error of the chosen point's validation CIDEr-D change (gain_error); None: no point was kept
+    # the standard error of the chosen point's validation CIDEr-D change (gain_error); None: no point was
+    # kept, or one validation photo
     gain_error: float | None = None
     points: list[dict] = field(default_factory=list)  # every point tried: alpha, new (and old) scores
 
@@ -134,9 +135,13 @@ def split_by_image(examples: list[Example], val_fraction: float) -> tuple[list[E
     if len(examples) < 2:
         raise ValueError(f"{len(examples)} usable image(s): at least 2 are needed to split off a validation part")
     n_val = min(len(examples) - 1, max(1, round(val_fraction * len(examples))))
-    rank = sorted(range(len(examples)), key=lambda i: hashlib.sha1(str(examples[i].image_id).encode()).hexdigest())
-    val = set(rank[:n_val])
+    val = set(hash_order(examples)[:n_val])
     return [ex for i, ex in enumerate(examples) if i not in val], [ex for i, ex in enumerate(examples) if i in val]
+
+
+def hash_order(examples: list[Example]) -> list[int]:
+    """The examples' indices by the SHA-1 of their image names: an order that depends on the names alone."""
+    return sorted(range(len(examples)), key=lambda i: hashlib.sha1(str(examples[i].image_id).encode()).hexdigest())
 
 
 def write_jsonl(examples: list[Example], images: str | Path, path: Path) -> None:
@@ -183,12 +188,15 @@ def grow_vocabulary(decoder: dict[str, torch.Tensor], old: Vocab, new: Vocab,
 def scores(captioner: Captioner, feats, examples: list[Example]) -> dict[str, float]:
     """BLEU-4 (`metrics.bleu`) and CIDEr-D (`metrics.CiderD`, idf from these references; 0-100
     like coco-caption's) of the model's captions of cached features. No Java needed."""
-    hyps = decode_features(captioner, feats)
-    refs = [ex.captions for ex in examples]
-    return {"bleu4": bleu(hyps, refs)["bleu4"], "cider": float(_ciders(hyps, refs).mean())}
+    return score_captions(decode_features(captioner, feats), [ex.captions for ex in examples])
 
 
-def _ciders(hyps: list[str], refs: list[list[str]]) -> np.ndarray:
+def score_captions(hyps: list[str], refs: list[list[str]]) -> dict[str, float]:
+    """`scores` of captions already written: corpus BLEU-4 and mean CIDEr-D (`ciders`), 0-100."""
+    return {"bleu4": bleu(hyps, refs)["bleu4"], "cider": float(ciders(hyps, refs).mean())}
+
+
+def ciders(hyps: list[str], refs: list[list[str]]) -> np.ndarray:
     """Each caption's CIDEr-D (0-100), the idf from all these references."""
     cider = CiderD([[tokenize(r) for r in rs] for rs in refs])
     return 100 * np.array([cider.score(tokenize(h), i) for i, h in enumerate(hyps)])
@@ -198,7 +206,12 @@ def gain_error(before: Captioner, after: Captioner, feats, examples: list[Exampl
     """The standard error of the validation CIDEr-D change from `before` to `after`, paired by photo: on a
     few dozen photos one caption moves the mean by points, and the report says how far to trust it."""
     refs = [ex.captions for ex in examples]
-    change = _ciders(decode_features(after, feats), refs) - _ciders(decode_features(before, feats), refs)
+    return paired_error(ciders(decode_features(after, feats), refs), ciders(decode_features(before, feats), refs))
+
+
+def paired_error(after: np.ndarray, before: np.ndarray) -> float | None:
+    """The standard error of the mean of after - before, photo by photo (None for fewer than 2 photos)."""
+    change = np.asarray(after) - np.asarray(before)
     return float(change.std(ddof=1) / math.sqrt(len(change))) if len(change) > 1 else None
 
 

@@ -1,22 +1,23 @@
 """`captioner finetune`'s new-domain gain by k-fold cross-validation: every photo is validated once.
 
     python scripts/finetune_cv.py --out runs/cv                      # the defaults, 5 folds of COCO-MINI
+    python scripts/finetune_cv.py --out runs/cv --decode guide=off   # the same models, decoded unguided
     python scripts/finetune_cv.py --out runs/cv_lr1e-4 --set lr=1e-4  # any finetune.Settings field
 
 One `finetune` run's validation part is a fifth of the photos: on COCO-MINI 16, where one photo moves
 CIDEr-D by several points and neighbouring points of the WiSE-FT line differ by 5 or more. Here the
-photos are split into k folds by the same name hash as `finetune.split_by_image` (fold 0 is the part
-the command itself validates on), each fold is fine-tuned on the others (`finetune.finetune`, with
---forget-budget inf so that it decodes the starting model's dev once), and every point of the line
-captions its own fold's photos. Pooled, each point is scored on all the photos at once (CIDEr-D with
-the idf of all their references, as `captioner evaluate` scores a data set): the starting model's row
-is then the same number as on the whole data set. The old side (the starting model's dev, Flickr8k
-dev for the shipped model) is scored per point on fold 0's model; one fold's forgetting stands for all.
+photos are split into k folds by the name hash of `finetune.split_by_image` (with 5 folds fold 0 is the
+part the command itself validates on), each fold is fine-tuned on the others (`finetune.finetune`), and
+the starting model and every point of each fold's line caption that fold's photos. Pooled, each row is
+scored on all the photos at once (CIDEr-D with the idf of all their references, as `captioner evaluate`
+scores a data set; the starting model's row is its score on the whole data set), with the standard
+error of its CIDEr-D change from the starting model, paired by photo. The old side (the starting
+model's dev, Flickr8k dev for the shipped model) is scored on fold 0's line; one fold stands for all.
+Fold models are kept in OUT and reused by a later run with the same settings (--decode may differ).
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -29,26 +30,51 @@ from captioner.config import Config
 from captioner.data import load_split
 from captioner.evaluate import decode_features
 from captioner.features import open_features
-from captioner.finetune import Settings, _base_dev, finetune, load_captions, usable, write_jsonl
-from captioner.inference import Captioner
+from captioner.finetune import (
+    Settings,
+    ciders,
+    finetune,
+    hash_order,
+    load_captions,
+    paired_error,
+    score_captions,
+    usable,
+    write_jsonl,
+)
+from captioner.inference import DEFAULT_CHECKPOINT, Captioner
 from captioner.interpolation import ALPHAS, interpolate
-from captioner.metrics import CiderD, bleu
-from captioner.vocab import tokenize
 
 COCO_MINI = "../shared/data/coco_mini_train"
+START = "start"  # the starting model's row
 
 
 def folds(examples, k: int) -> list[list[int]]:
-    """k parts of the examples by the hash order finetune.split_by_image uses: part 0 is its validation part."""
-    rank = sorted(range(len(examples)), key=lambda i: hashlib.sha1(str(examples[i].image_id).encode()).hexdigest())
-    n_val = max(1, round(len(examples) / k))
-    return [rank[f * n_val:(f + 1) * n_val] if f < k - 1 else rank[f * n_val:] for f in range(k)]
+    """k parts of the examples in `hash_order`; part 0 is the round(n / k) first, as split_by_image takes."""
+    n = len(examples)
+    if not 2 <= k <= n:
+        raise ValueError(f"--folds must be between 2 and the {n} usable photos, got {k}")
+    rank = hash_order(examples)
+    first = round(n / k)
+    return [rank[:first], *(p.tolist() for p in np.array_split(rank[first:], k - 1))]
 
 
-def pooled(captions: list[str], refs: list[list[str]]) -> dict[str, float]:
-    cider = CiderD([[tokenize(r) for r in rs] for rs in refs])
-    return {"bleu4": bleu(captions, refs)["bleu4"],
-            "cider": 100 * float(np.mean([cider.score(tokenize(c), i) for i, c in enumerate(captions)]))}
+def fold_models(examples, part: list[int], run: Path, images: str, settings: Settings) -> Path:
+    """Fine-tunes on the examples outside `part`, validating on `part`; returns the finetune output folder
+    (reused when it was made with the same settings)."""
+    model, wanted = run / "model", {k: str(v) for k, v in vars(settings).items()}
+    if (model / "report.json").exists():
+        made = json.loads((run / "settings.json").read_text())
+        if made != wanted:
+            raise ValueError(f"{model} was fine-tuned with other settings ({made}); choose another --out")
+        return model
+    run.mkdir(parents=True, exist_ok=True)
+    inside = set(part)
+    write_jsonl([ex for i, ex in enumerate(examples) if i not in inside], images, run / "train_part.jsonl")
+    write_jsonl([examples[i] for i in part], images, run / "val_part.jsonl")
+    (run / "settings.json").write_text(json.dumps(wanted))
+    finetune(run / "train_part.jsonl", model, fmt="jsonl", images=images, val=run / "val_part.jsonl",
+             settings=settings)
+    return model
 
 
 def main() -> None:
@@ -58,54 +84,60 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--set", nargs="*", default=[], help="finetune.Settings fields, e.g. lr=1e-4 epochs=8")
-    p.add_argument("--decode", nargs="*", default=[], help="decoding options, e.g. guide=off")
+    p.add_argument("--decode", nargs="*", default=[], help="decoding options, e.g. guide=off beam_size=5")
     p.add_argument("--old-alphas", type=float, nargs="*", default=[0.2, 0.4, 0.6, 0.8, 1.0],
                    help="points scored on the starting model's dev (fold 0's model)")
     args = p.parse_args()
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    # The old side is scored here, once per point: inf spares finetune the choice's own dev decodes.
     settings = Settings(**{**overrides, "forget_budget": math.inf})
     decode = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.decode)}
     _, examples = load_captions(args.data, "auto", args.images)
     examples = usable(examples, {})
-    alphas = (0.0, *ALPHAS)
-    captions = {a: [None] * len(examples) for a in alphas}
+    rows = (START, *ALPHAS)
+    captions = {r: [None] * len(examples) for r in rows}
     old = {}
     for f, part in enumerate(folds(examples, args.folds)):
-        run = args.out / f"fold{f}"
-        inside = set(part)
-        run.mkdir(parents=True, exist_ok=True)
-        write_jsonl([ex for i, ex in enumerate(examples) if i not in inside], args.images, run / "train_part.jsonl")
-        write_jsonl([examples[i] for i in part], args.images, run / "val_part.jsonl")
-        if not (run / "model" / "report.json").exists():
-            finetune(run / "train_part.jsonl", run / "model", fmt="jsonl", images=args.images,
-                     val=run / "val_part.jsonl", settings=settings)
-        start, tuned = checkpoint.load(run / "model" / "start.pt"), checkpoint.load(run / "model" / "finetuned.pt")
-        n_old = len(start["vocab"]["itos"]) - len(json.loads((run / "model" / "report.json").read_text())["new_words"])
-        cap = Captioner.from_payload(tuned, device=settings.device)
+        model = fold_models(examples, part, args.out / f"fold{f}", args.images, settings)
+        start, tuned = checkpoint.load(settings.start or DEFAULT_CHECKPOINT), checkpoint.load(model / "finetuned.pt")
+        n_old = len(start["vocab"]["itos"])
+        before, cap = Captioner.from_payload(start, device="cpu"), Captioner.from_payload(tuned, device="cpu")
         cfg = Config.from_dict(tuned["config"])
         val_ex = load_split(cfg.data, "val")
         val_feats = open_features(cfg.data.feature_cache, "val", val_ex, cap.encoder)
-        base_cfg = Config.from_dict(start["config"])
-        old_data = _base_dev(base_cfg, Captioner.from_payload(start, device=settings.device)) if f == 0 else None
-        for a in alphas:
-            cap.decoder.load_state_dict(interpolate(start["decoder"], tuned["decoder"], a, n_old))
-            for i, c in zip(part, decode_features(cap, val_feats, options=cap.options(**decode))):
-                captions[a][i] = c
-            if f == 0 and (a == 0.0 or a in args.old_alphas) and not isinstance(old_data, str):
-                hyps = decode_features(cap, old_data[0], options=cap.options(**decode))
-                old[a] = pooled(hyps, [ex.captions for ex in old_data[1]])
+        grown = checkpoint.load(model / "start.pt")  # the starting model with the fold's new words
+        base = Config.from_dict(grown["config"]).data  # the starting model's data, its dev features cached there
+        dev = load_split(base, base.dev_split) if f == 0 else None
+        dev_feats = open_features(base.feature_cache, base.dev_split, dev, cap.encoder) if dev else None
+        for r in rows:
+            if r == START:
+                model_r = before
+            else:
+                cap.decoder.load_state_dict(interpolate(grown["decoder"], tuned["decoder"], r, n_old))
+                model_r = cap
+            options = model_r.options(**decode)
+            for i, c in zip(part, decode_features(model_r, val_feats, options=options), strict=True):
+                captions[r][i] = c
+            if dev and (r == START or r in args.old_alphas):
+                old[r] = score_captions(decode_features(model_r, dev_feats, options=options),
+                                        [ex.captions for ex in dev])
         print(f"fold {f}: {len(part)} photos validated", flush=True)
     refs = [ex.captions for ex in examples]
-    rows = {a: pooled(captions[a], refs) for a in alphas}
+    new = {r: score_captions(captions[r], refs) for r in rows}
+    per_photo = {r: ciders(captions[r], refs) for r in rows}
     print(f"\n{len(examples)} photos, {args.folds} folds, settings {overrides or 'defaults'}, "
-          f"decoding {decode or 'as the model says'}")
-    print("| alpha | new: CIDEr-D | new: BLEU-4 | old: BLEU-4 | old: CIDEr-D |\n|---|---|---|---|---|")
-    for a in alphas:
-        o = old.get(a)
+          f"decoding {args.decode or 'as the model says'}")
+    print("| model | CIDEr-D | change ± standard error | BLEU-4 | old: BLEU-4 | old: CIDEr-D |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        o = old.get(r)
         olds = f"{o['bleu4']:.2f} | {o['cider']:.2f}" if o else "- | -"
-        print(f"| {a:.1f} | {rows[a]['cider']:.2f} | {rows[a]['bleu4']:.2f} | {olds} |")
+        change = "" if r == START else (f"{new[r]['cider'] - new[START]['cider']:+.2f} ± "
+                                        f"{paired_error(per_photo[r], per_photo[START]):.2f}")
+        name = "starting model" if r == START else f"alpha {r:.1f}"
+        print(f"| {name} | {new[r]['cider']:.2f} | {change} | {new[r]['bleu4']:.2f} | {olds} |")
     name = "_".join(["cv", *args.decode]) + ".json"
-    (args.out / name).write_text(json.dumps({"settings": overrides, "decode": decode, "new": rows, "old": old,
+    (args.out / name).write_text(json.dumps({"settings": overrides, "decode": args.decode, "new": new, "old": old,
                                              "captions": captions}, indent=1) + "\n")
 
 

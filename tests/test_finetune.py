@@ -5,6 +5,7 @@ import csv
 import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from fixtures import draw
@@ -232,3 +233,11 @@ def test_without_the_starting_model_s_data_the_run_says_what_it_skipped(tiny_run
                       settings=replace(settings, forget_budget=math.inf))
     assert report.after["cider"] == max(p["new"]["cider"] for p in report.points)
     assert "not weighed" in report.why
+
+
+def test_paired_error_is_the_standard_error_of_the_per_photo_change():
+    from captioner.finetune import paired_error
+
+    # changes 2, 3, 4: mean 3, sample standard deviation 1, over 3 photos
+    assert paired_error(np.array([3.0, 5.0, 7.0]), np.array([1.0, 2.0, 3.0])) == pytest.approx(1 / np.sqrt(3))
+    assert paired_error(np.array([4.0]), np.array([1.0])) is None  # one photo: no spread to measure
