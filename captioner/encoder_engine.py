@@ -121,7 +121,7 @@ def encoder_runner(encoder: Encoder, engine: str = "auto", device: torch.device 
             def run(pixels: torch.Tensor) -> torch.Tensor:
                 array = pixels.detach().to("cpu", torch.float32).contiguous().numpy()
                 try:
-                    return torch.from_numpy(session.run(None, {"pixels": array})[0])
+                    return torch.from_numpy(ort.encode(session, array))
                 except Exception as e:  # onnxruntime's own types: callers see what the torch engine raises
                     raise RuntimeError(f"encoder (onnxruntime): {e}") from e
 

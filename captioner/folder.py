@@ -113,10 +113,10 @@ def _read_job(job: list[tuple[Path, str]]) -> list[FileItem]:
 
 
 class Readers:
-    """Batches of files read by `workers` forked processes, in order, at most two per worker ahead.
+    """Jobs (lists of files) read by `workers` forked processes, in order, at most two per worker ahead.
 
     A reader that dies on a file (a decoder crash, the OOM killer) breaks the pool: the
-    batches in flight are read again file by file in a fresh pool, and the file that
+    jobs in flight are read again file by file in a fresh pool, and the file that
     kills its reader again becomes an error row."""
 
     def __init__(self, preprocess: Callable, workers: int):
@@ -221,6 +221,7 @@ def _caption_files(captioner: Captioner | Runtime, root: Path, names: list[str],
 
 
 Row = tuple[str, list[dict] | None, str | None]  # (name, formatted hypotheses or None, error or None)
+READ_JOB = 8  # files a reader reads and hands over at once
 
 
 def caption_files(captioner: Captioner | Runtime, root: Path, names: list[str], options: DecodeConfig | None = None,
@@ -231,12 +232,22 @@ def caption_files(captioner: Captioner | Runtime, root: Path, names: list[str], 
     never an exception) while this process encodes and decodes the readable ones.
     caption-dir and evaluate both caption through here.
     """
-    jobs = [[(root / n, n) for n in names[i:i + batch_size]] for i in range(0, len(names), batch_size)]
+    batches = [names[i:i + batch_size] for i in range(0, len(names), batch_size)]
+    # Jobs of a few files, none across two batches: the first batch waits for one job instead of for
+    # one reader to read it all, and each job is encoded as it comes while the readers read on.
+    jobs = [[(root / n, n) for n in b[j:j + READ_JOB]] for b in batches for j in range(0, len(b), READ_JOB)]
     if workers:
-        batches = Readers(captioner.preprocess, workers)(jobs)
+        read = Readers(captioner.preprocess, workers)(jobs)
     else:
-        batches = ([read_file(captioner.preprocess, path, name) for path, name in job] for job in jobs)
-    for items in batches:
-        ok = [it.pixels for it in items if it.pixels is not None]
-        found = iter(captioner.describe(captioner.encode(captioner.stack(ok)), options) if ok else [])
-        yield [(it.name, None, it.error) if it.pixels is None else (it.name, next(found), None) for it in items]
+        read = ([read_file(captioner.preprocess, path, name) for path, name in job] for job in jobs)
+    sizes = iter(map(len, batches))
+    size, items, feats = next(sizes, 0), [], []
+    for job in read:
+        ok = [it.pixels for it in job if it.pixels is not None]
+        if ok:
+            feats += list(captioner.encode(captioner.stack(ok)))  # rows, stacked again for the batch's search
+        items += job
+        if len(items) == size:
+            found = iter(captioner.describe(captioner.stack(feats), options) if feats else [])
+            yield [(it.name, None, it.error) if it.pixels is None else (it.name, next(found), None) for it in items]
+            size, items, feats = next(sizes, 0), [], []

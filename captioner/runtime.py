@@ -29,7 +29,7 @@ from .config import DecodeConfig
 from .constraints import Machine, machine
 from .files import file_sha256
 from .images import load_image
-from .ort import session
+from .ort import encode, session
 from .tags import Tagger
 from .vocab import Vocab
 
@@ -158,7 +158,7 @@ class Runtime:
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         """Pixels (B, 3, H, W) -> features (B, width)."""
-        return self.encoder.run(None, {"pixels": np.ascontiguousarray(pixels, np.float32)})[0]
+        return encode(self.encoder, pixels)
 
     def options(self, method: str | None = None, n_best: int = 1, **overrides) -> DecodeConfig:
         """The bundle's decoding settings with per-call overrides (None keeps a setting), checked now."""

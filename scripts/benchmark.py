@@ -362,8 +362,11 @@ def table(r: dict) -> str:
             f"| single-image latency p50, what the CLI, demo and service run on a CPU (`bundles.load()`: "
             f"{r['runtime']}), guided / `--guide off` | **{r['latency_p50_ms_runtime']} / "
             f"{r['latency_p50_ms_runtime_unguided']} ms** | guided ≤ 15 ms |",
-            f"| caption-dir ÷ the best its stages allow (per photo: load {r['stage_ms_load']} + encoder "
-            f"{r['stage_ms_encoder']} + search {r['stage_ms_search']} ms) | **{r['pipeline_efficiency']}** | ≥ 0.85 |",
+            f"| caption-dir ÷ the best its stages allow, what the command line runs ({r['runtime']}; per photo: load "
+            f"{r['stage_ms_load_runtime']} + encoder {r['stage_ms_encoder_runtime']} + search "
+            f"{r['stage_ms_search_runtime']} ms) | **{r['pipeline_efficiency_runtime']}** | ≥ 0.85 |",
+            f"| the same in process with the torch Captioner (load {r['stage_ms_load']} + encoder "
+            f"{r['stage_ms_encoder']} + search {r['stage_ms_search']} ms) | {r['pipeline_efficiency']} | information |",
         ]
     if "cold_help_s" in r:
         rows += [f"| `captioner --help`, wall time as a subprocess | **{r['cold_help_s']} s** | ≤ 0.5 s |",
