@@ -371,9 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Runs one command; an error the user can act on is one line on stderr and exit status 2."""
-    # numpy's OpenBLAS keeps its idle threads spinning for ~0.1 s after each product, and the tags'
-    # small ones (32x1280 by 1280x1000) then took a core from the encoder, the search and the readers
-    # (caption-dir 1.3x slower on 2 cores). One thread has no pool to spin; numpy is not loaded yet.
+    # numpy's OpenBLAS keeps its idle threads spinning for ~0.1 s after each product, and after the tags'
+    # small ones (32x1280 by 1280x1000) they took a core from the encoder, the search and the readers
+    # (with other jobs on 2 cores, caption-dir took 1.3x as long). One thread has no pool to spin; numpy
+    # is not loaded yet.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     args = build_parser().parse_args(argv)
     try:

@@ -1,6 +1,6 @@
 """onnxruntime sessions: the one place their threads are chosen, for the encoder engine and the runtime.
 
-Torch-free (onnxruntime, the standard library), so both torch's side (captioner.encoder_engine) and
+Torch-free (onnxruntime, numpy, the standard library), so both torch's side (captioner.encoder_engine) and
 the torch-free runtime (captioner.runtime) import it.
 """
 from __future__ import annotations

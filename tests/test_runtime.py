@@ -243,6 +243,13 @@ def test_a_malformed_manifest_is_a_bundle_error(bundle, tmp_path, damage):
         Runtime(copy)
 
 
+def test_features_do_not_depend_on_the_images_run_beside_them(runtime):
+    pixels = np.stack([runtime.preprocess(p) for p in DEMO[:5]] * 2)  # runs of ort.ENCODER_CHUNK and a remainder
+    alone = np.concatenate([runtime.encode(pixels[i:i + 1]) for i in range(len(pixels))])
+    assert np.array_equal(runtime.encode(pixels), alone)
+    assert np.array_equal(runtime.encoder.run(None, {"pixels": pixels})[0], alone)  # all ten in one run
+
+
 def test_the_runtime_tags_as_the_captioner(shipped, runtime):
     want, got = shipped.tags(DEMO), runtime.tags(DEMO)
     assert [[t["tag"] for t in g] for g in got] == [[t["tag"] for t in w] for w in want]
