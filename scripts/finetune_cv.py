@@ -97,11 +97,12 @@ def main() -> None:
     rows = (START, *ALPHAS)
     captions = {r: [None] * len(examples) for r in rows}
     old = {}
+    start = checkpoint.load(settings.start or DEFAULT_CHECKPOINT)  # the same for every fold
+    n_old, before = len(start["vocab"]["itos"]), Captioner.from_payload(start, device="cpu")
     for f, part in enumerate(folds(examples, args.folds)):
         model = fold_models(examples, part, args.out / f"fold{f}", args.images, settings)
-        start, tuned = checkpoint.load(settings.start or DEFAULT_CHECKPOINT), checkpoint.load(model / "finetuned.pt")
-        n_old = len(start["vocab"]["itos"])
-        before, cap = Captioner.from_payload(start, device="cpu"), Captioner.from_payload(tuned, device="cpu")
+        tuned = checkpoint.load(model / "finetuned.pt")
+        cap = Captioner.from_payload(tuned, device="cpu")
         cfg = Config.from_dict(tuned["config"])
         val_ex = load_split(cfg.data, "val")
         val_feats = open_features(cfg.data.feature_cache, "val", val_ex, cap.encoder)
