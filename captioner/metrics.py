@@ -131,7 +131,8 @@ def diversity(hypotheses: list[str], training_captions: list[str] | None = None)
 NOT_MENTIONS = frozenset({"ride", "rides", "can", "watch", "watches", "fly", "flies", "swing", "swings", "light",
                           "lights", "orange", "cream", "drink", "drinks"})
 MENTION_METHOD = ("object mentions, micro-averaged: the nouns of the tag mapping (assets/imagenet_nouns.tsv, "
-                  "each with its word set) that at least 2 references name, against those the caption names; "
+                  "each with its word set; a two-word name counts as its words in a row) that at least 2 "
+                  "references name, against those the caption names; "
                   f"words mostly used in another sense left out ({' '.join(sorted(NOT_MENTIONS))}); "
                   f"tokens: {TOKENIZER}")
 
@@ -156,7 +157,9 @@ def mention_counts(hypotheses: list[str], references: list[list[str]], nouns: di
     owner = {w: n for n, words in nouns.items() for w in words}
 
     def named(text: str) -> set[str]:
-        return {owner[t] for t in tokenize(text) if t in owner}
+        tokens = tokenize(text)
+        pairs = [f"{a}_{b}" for a, b in zip(tokens, tokens[1:])]  # a phrase's form: "tennis_ball"
+        return {owner[t] for t in tokens + pairs if t in owner}
 
     counts: dict[str, Counter] = {}
     for hyp, refs in zip(hypotheses, references):

@@ -60,7 +60,7 @@ def nearest_known(folder: Path, vocab: Vocab) -> dict[str, tuple[str, float]]:
             classes.setdefault(noun, []).append(int(wnid[1:]))
     known = [n for n in classes if n in vocab.stoi]
     out = {}
-    for noun in sorted(n for n in classes if n not in vocab.stoi):
+    for noun in sorted(n for n in classes if n not in vocab.stoi and " " not in n):  # a phrase's words are known
         lengths = {k: path_length(classes[noun], classes[k], synsets) for k in known}
         out[noun] = min(known, key=lambda k: (lengths[k], vocab.stoi[k])), min(lengths.values())
     return out

@@ -135,6 +135,16 @@ def test_object_mentions_count_nouns_two_references_name_against_the_captions_no
     assert "ride" not in metrics.object_nouns()  # "rides" (the carousel's noun) is a verb in captions
 
 
+def test_a_two_word_name_is_mentioned_by_its_words_in_a_row():
+    hyps = ["a dog with a tennis ball", "a ball on the tennis court", "a boy holds a teddy"]
+    refs = [["a dog chases a tennis ball", "a dog and its tennis ball"],
+            ["a tennis ball on a court", "tennis balls by the net"],
+            ["a boy and his teddy bear", "a child hugs a teddy bear"]]
+    counts = metrics.mention_counts(hyps, refs, metrics.object_nouns())
+    assert counts["tennis ball"] == {"hit": 1, "predicted": 1, "gold": 2}  # "ball ... tennis" is not one
+    assert counts["teddy bear"] == {"hit": 1, "predicted": 1, "gold": 1}  # its own one-word name counts too
+
+
 # -- the human ceiling --------------------------------------------------------------------
 
 def test_human_ceiling_is_one_corpus_of_each_reference_against_the_others():

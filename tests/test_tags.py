@@ -27,3 +27,22 @@ def test_captioner_tags_name_the_demo_cat_and_match_the_captions_tags():
     assert [t[0]["tag"] for t in tags] == ["cat", "coffee"]
     assert cap.tags(photos[0]) == tags[0]  # one image in, one list out
     assert [r["tags"] for r in cap.caption(photos)] == tags
+
+
+def test_a_two_word_name_is_a_tag_and_guides_only_through_the_words_the_decoder_can_write():
+    import numpy as np
+
+    from captioner.tags import Tagger, read_mapping
+
+    mapping = dict((noun, words) for noun, words in read_mapping() if noun)
+    assert mapping["tennis ball"] == ["tennis_ball", "tennis_balls"] and "teddy" in mapping["teddy bear"]
+    classes = [noun for noun, _ in read_mapping()]
+    weight = np.zeros((len(classes), 2), np.float32)
+    weight[classes.index("tennis ball"), 0] = weight[classes.index("teddy bear"), 1] = 20.0
+    tagger = Tagger.from_mapping(weight, np.zeros(len(classes)))
+    feats = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    assert [t[0]["tag"] for t in tagger(feats)] == ["tennis ball", "teddy bear"]
+    stoi = {"tennis": 1, "ball": 2, "balls": 3, "teddy": 4, "bear": 5}
+    found = tagger.constraints(feats, stoi, threshold=0.2, most=2)
+    # A constraint is a set of single words: the ball's phrase is no word, the bear has "teddy".
+    assert found[0] == [] and [ids for ids, _ in found[1]] == [(4,)]
