@@ -39,16 +39,29 @@ class Machine:
 
 
 def choose(noun_probs: np.ndarray, nouns: list[str], words: dict[str, list[str]], vocab_ids: dict[str, int], *,
-           threshold: float, most: int, stop=STOP) -> list[tuple[tuple[int, ...], float]]:
-    """One image's constraints: its likeliest nouns of at least `threshold`, at most `most`, each as
-    (the word ids of its forms that the vocabulary has, its probability); a noun it cannot write is skipped."""
-    out = []
+           threshold: float, most: int, stop=STOP, kin: dict[str, frozenset[str]] | None = None
+           ) -> list[tuple[tuple[int, ...], float]]:
+    """One image's constraints: its likeliest nouns of at least `threshold`, at most `most` constraints, each
+    as (the word ids of its forms that the vocabulary has, its probability); a noun it cannot write is
+    skipped. A noun of the kind of a chosen one (`kin`, tags.read_kin: "boat" for "ship") joins that
+    constraint, words and probability: the classifier's doubt between two near kinds is about one
+    object, which a caption names once ("a boat in the water", not "a ship in a boat")."""
+    kin = kin or {}
+    out, owners = [], []  # owners: per constraint, its nouns
     for i in np.argsort(-noun_probs, kind="stable"):
-        if noun_probs[i] < threshold or len(out) == most:
+        if noun_probs[i] < threshold:
             break
         ids = tuple(sorted({vocab_ids[w] for w in words.get(nouns[i], ()) if w in vocab_ids}))
-        if nouns[i] not in stop and ids:
+        if nouns[i] in stop or not ids:
+            continue
+        same = [c for c, owner in enumerate(owners) if kin.get(nouns[i], frozenset()) & owner]
+        if same:
+            c = same[0]
+            out[c] = (tuple(sorted(set(out[c][0]) | set(ids))), out[c][1] + float(noun_probs[i]))
+            owners[c].add(nouns[i])
+        elif len(out) < most:
             out.append((ids, float(noun_probs[i])))
+            owners.append({nouns[i]})
     return out
 
 

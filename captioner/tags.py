@@ -21,13 +21,24 @@ MAPPING = Path(__file__).parent / "assets" / "imagenet_nouns.tsv"
 TOP, MIN_PROB = 5, 0.05  # the keywords shown: at most TOP nouns, each at least MIN_PROB
 
 
+def _rows(path: str | Path) -> list[list[str]]:
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    header = lines[0].split("\t")
+    # A bundle exported before the kin column has the first five.
+    if header[:5] != ["index", "wnid", "name", "noun", "words"] or header[5:] not in ([], ["kin"]):
+        raise ValueError(f"{path} is not an ImageNet noun mapping")
+    return [line.split("\t") for line in lines[1:]]
+
+
 def read_mapping(path: str | Path = MAPPING) -> list[tuple[str, list[str]]]:
     """Per ImageNet class, in index order: (noun or "", its constraint words)."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    if lines[0].split("\t") != ["index", "wnid", "name", "noun", "words"]:
-        raise ValueError(f"{path} is not an ImageNet noun mapping")
-    rows = [line.split("\t") for line in lines[1:]]
-    return [(r[3], r[4].split()) for r in rows]
+    return [(r[3], r[4].split()) for r in _rows(path)]
+
+
+def read_kin(path: str | Path = MAPPING) -> dict[str, frozenset[str]]:
+    """Noun -> its kin, the nouns that name the same kind of thing ("boat" -> canoe, sailboat, ship):
+    constraints.choose makes them one constraint. Empty for a mapping without the kin column."""
+    return {r[3]: frozenset(filter(None, r[5].split(","))) for r in _rows(path) if r[3] and len(r) > 5}
 
 
 @dataclass
@@ -37,6 +48,7 @@ class Tagger:
     nouns: list[str]  # per class, "" for a dropped one
     regions: int = 1  # feature rows per image: an attention model's are region vectors, whose mean is v
     words: dict[str, list[str]] = field(default_factory=dict)  # per noun, its forms (constraint words)
+    kin: dict[str, frozenset[str]] = field(default_factory=dict)  # per noun, the nouns of its kind (read_kin)
 
     def __post_init__(self):
         self.weight, self.bias = np.asarray(self.weight, np.float32), np.asarray(self.bias, np.float32)
@@ -53,7 +65,8 @@ class Tagger:
     @classmethod
     def from_mapping(cls, weight, bias, regions: int = 1, path: str | Path = MAPPING) -> Tagger:
         mapping = read_mapping(path)
-        return cls(weight, bias, [noun for noun, _ in mapping], regions, {noun: ws for noun, ws in mapping if noun})
+        return cls(weight, bias, [noun for noun, _ in mapping], regions, {noun: ws for noun, ws in mapping if noun},
+                   read_kin(path))
 
     def noun_probs(self, feats) -> np.ndarray:
         """Features (B, width) -> (B, len(vocabulary)) noun probabilities."""
@@ -66,8 +79,8 @@ class Tagger:
     def constraints(self, feats, vocab_ids: dict[str, int], *, threshold: float, most: int,
                     stop=STOP) -> list[list[tuple]]:
         """Per image, its guidance constraints (constraints.choose): (word-id set, probability) pairs."""
-        return [choose(row, self.vocabulary, self.words, vocab_ids, threshold=threshold, most=most, stop=stop)
-                for row in self.noun_probs(feats)]
+        return [choose(row, self.vocabulary, self.words, vocab_ids, threshold=threshold, most=most, stop=stop,
+                       kin=self.kin) for row in self.noun_probs(feats)]
 
     def __call__(self, feats, top: int = TOP, min_prob: float = MIN_PROB) -> list[list[dict]]:
         """Per image, [{"tag": noun, "prob": p}, ...]: its `top` likeliest nouns of at least min_prob."""

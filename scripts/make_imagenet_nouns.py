@@ -30,7 +30,7 @@ WORDNET = Path("/usr/share/wordnet")
 WNIDS = ROOT / "scripts" / "imagenet_wnids.txt"
 OUTPUT = ROOT / "captioner" / "assets" / "imagenet_nouns.tsv"
 CHECKPOINT = ROOT / "captioner" / "assets" / "flickr8k_lite0.pt"
-HEADER = ("index", "wnid", "name", "noun", "words")
+HEADER = ("index", "wnid", "name", "noun", "words", "kin")
 
 # Nouns too generic to say what a photo shows, or whose caption sense is another ("wind" for a
 # wind instrument, "good" for a commodity): the walk goes past them, and a class reaching only these
@@ -62,6 +62,9 @@ NOVEL = {
     "sandwich", "hotdog", "burger", "cheeseburger", "tea", "teapot", "keyboard", "spoon", "hammer",
     "radio", "printer", "sock", "hippopotamus", "kangaroo", "koala", "squash", "zucchini",
 }
+
+# Kin (below) meet at a hypernym at least this many links (its longest path) below WordNet's root.
+KIN_DEPTH = 8
 
 # Classes whose everyday name is their own two-word lemma, where the one-word walk loses the thing
 # (a tennis ball reaches only the generic "ball", ice cream only "course") or misnames it ("teddy"
@@ -162,6 +165,8 @@ OVERRIDES = {
     "n09421951": "beach",  # sandbar ("bar")
     "n09193705": "mountain",  # alp
     "n09428293": "beach",  # seashore
+    "n03947888": "ship",  # pirate ship ("pirate", the costume in captions)
+    "n03459775": "car",  # grille (a car's front; "barrier")
     "n03773504": "rocket",  # missile
     "n04008634": "rocket",  # projectile
 }
@@ -225,6 +230,38 @@ def walk(offset: int, synsets, rank: dict[str, int]) -> str:
     return ""
 
 
+def ancestors(offset: int, synsets) -> dict[int, int]:
+    """Every hypernym of a synset (itself included) -> its distance in hypernym links."""
+    dist, level, d = {offset: 0}, [offset], 0
+    while level:
+        d += 1
+        level = [h for o in level for h in synsets[o][1] if h not in dist]
+        for h in level:
+            dist.setdefault(h, d)
+    return dist
+
+
+def kin(nouns: dict[int, str], synsets) -> dict[str, list[str]]:
+    """Noun -> the nouns of the mapping within two hypernym links of it ("boat" -> canoe, sailboat,
+    ship) through a specific hypernym: one at least KIN_DEPTH links below WordNet's root (vessel,
+    canine, big cat, seat), not a broad one (container, device, covering: a bag and a spoon are not
+    one thing). A noun's senses are, per class it tags, the nearest synset up from the class that has
+    the noun as a lemma (the class itself where none has: "car" for a grille)."""
+    senses: dict[str, set[int]] = {}
+    for offset, noun in nouns.items():
+        up, name = ancestors(offset, synsets), noun.replace(" ", "_")
+        named = [(d, o) for o, d in up.items() if name in {w.lower() for w in synsets[o][0]}]
+        senses.setdefault(noun, set()).add(min(named)[1] if named else offset)
+    near: dict[str, dict[int, int]] = {noun: {} for noun in senses}  # its senses' specific hypernyms, 2 links
+    for noun, offsets in senses.items():
+        for o in offsets:
+            for h, d in ancestors(o, synsets).items():
+                if d <= 2 and max(ancestors(h, synsets).values()) >= KIN_DEPTH:
+                    near[noun][h] = min(d, near[noun].get(h, d))
+    return {a: sorted(b for b in near if b != a and any(d + near[b].get(h, 3) <= 2 for h, d in near[a].items()))
+            for a in near}
+
+
 def is_dog(offset: int, synsets) -> bool:
     todo = deque([offset])
     while todo:
@@ -259,8 +296,9 @@ def build(folder: Path, wnids: list[str], vocab: list[str]) -> list[tuple[str, .
         words = [w for w in forms(noun, irregular) + also if set(w.split("_")) <= known] or forms(noun, irregular) \
             if noun else []
         name = synsets[offset][0][0].replace("_", " ")
-        rows.append((str(index), wnid, name, noun, " ".join(words)))
-    return rows
+        rows.append([str(index), wnid, name, noun, " ".join(words)])
+    kinds = kin({int(r[1][1:]): r[3] for r in rows if r[3]}, synsets)
+    return [(*r, ",".join(kinds[r[3]]) if r[3] else "") for r in rows]
 
 
 def render(rows) -> str:

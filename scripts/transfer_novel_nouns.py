@@ -21,23 +21,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from make_imagenet_nouns import CHECKPOINT, WNIDS, WORDNET, read_noun_synsets
+from make_imagenet_nouns import CHECKPOINT, WNIDS, WORDNET, ancestors, read_noun_synsets
 
 from captioner import checkpoint
 from captioner.finetune import grow_vocabulary
 from captioner.tags import read_mapping
 from captioner.vocab import Vocab
-
-
-def ancestors(offset: int, synsets) -> dict[int, int]:
-    """Every hypernym of a synset (itself included) -> its distance in hypernym links."""
-    dist, level, d = {offset: 0}, [offset], 0
-    while level:
-        d += 1
-        level = [h for o in level for h in synsets[o][1] if h not in dist]
-        for h in level:
-            dist.setdefault(h, d)
-    return dist
 
 
 def path_length(a: list[int], b: list[int], synsets) -> float:

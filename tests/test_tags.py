@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,8 +31,6 @@ def test_captioner_tags_name_the_demo_cat_and_match_the_captions_tags():
 
 
 def test_a_two_word_name_is_a_tag_and_guides_only_through_the_words_the_decoder_can_write():
-    import numpy as np
-
     from captioner.tags import Tagger, read_mapping
 
     mapping = dict((noun, words) for noun, words in read_mapping() if noun)
@@ -46,3 +45,30 @@ def test_a_two_word_name_is_a_tag_and_guides_only_through_the_words_the_decoder_
     found = tagger.constraints(feats, stoi, threshold=0.2, most=2)
     # A constraint is a set of single words: the ball's phrase is no word, the bear has "teddy".
     assert found[0] == [] and [ids for ids, _ in found[1]] == [(4,)]
+
+
+def test_two_tags_of_one_kind_are_one_constraint_with_both_words_and_their_probability():
+    from captioner.constraints import choose
+    from captioner.tags import read_kin
+
+    kin = read_kin()
+    assert "boat" in kin["ship"] and "ship" in kin["boat"] and "cat" not in kin["dog"]
+    nouns, probs = ["ship", "boat", "dog", "cat"], np.array([0.5, 0.25, 0.21, 0.01])
+    words = {n: [n, n + "s"] for n in nouns}
+    stoi = {w: i for i, w in enumerate(w for n in nouns for w in words[n])}
+    got = choose(probs, nouns, words, stoi, threshold=0.2, most=2, kin=kin)
+    # ship and boat: one constraint (either names it, for 0.75); dog the second; cat below the threshold
+    assert [(ids, round(p, 2)) for ids, p in got] == [((0, 1, 2, 3), 0.75), ((4, 5), 0.21)]
+    # kin joins a chosen constraint even when `most` are chosen; without kin, two constraints
+    assert [ids for ids, _ in choose(probs, nouns, words, stoi, threshold=0.2, most=1, kin=kin)] == [(0, 1, 2, 3)]
+    assert [ids for ids, _ in choose(probs, nouns, words, stoi, threshold=0.2, most=2)] == [(0, 1), (2, 3)]
+
+
+def test_a_mapping_without_the_kin_column_still_reads(tmp_path):
+    from captioner.tags import MAPPING, Tagger, read_kin, read_mapping
+
+    lines = MAPPING.read_text(encoding="utf-8").splitlines()
+    old = tmp_path / "imagenet_nouns.tsv"  # as a bundle exported before the column has it
+    old.write_text("".join("\t".join(line.split("\t")[:5]) + "\n" for line in lines), encoding="utf-8")
+    assert read_mapping(old) == read_mapping() and read_kin(old) == {}
+    assert Tagger.from_mapping(np.zeros((1000, 2)), np.zeros(1000), path=old).kin == {}
