@@ -43,9 +43,10 @@ def choose(noun_probs: np.ndarray, nouns: list[str], words: dict[str, list[str]]
            ) -> list[tuple[tuple[int, ...], float]]:
     """One image's constraints: its likeliest nouns of at least `threshold`, at most `most` constraints, each
     as (the word ids of its forms that the vocabulary has, its probability); a noun it cannot write is
-    skipped. A noun of the kind of a chosen one (`kin`, tags.read_kin: "boat" for "ship") joins that
-    constraint, words and probability: the classifier's doubt between two near kinds is about one
-    object, which a caption names once ("a boat in the water", not "a ship in a boat")."""
+    skipped. A noun that is kin of any noun of a chosen constraint (`kin`, tags.read_kin: "boat" for
+    "ship") joins it, words and probability, so a constraint may grow along a chain (canoe, boat,
+    ship): the classifier's doubt between near kinds is about one object, which a caption names once
+    ("a boat in the water", not "a ship in a boat")."""
     kin = kin or {}
     out, owners = [], []  # owners: per constraint, its nouns
     for i in np.argsort(-noun_probs, kind="stable"):

@@ -147,6 +147,22 @@ def object_nouns(path=MAPPING) -> dict[str, set[str]]:
     return nouns
 
 
+def named_forms(text: str, forms) -> set[str]:
+    """The word forms of `forms` that a text names: its words, and two-word forms ("tennis_ball") by
+    their words in a row, which then name nothing else ("teddy bear" is no bear)."""
+    tokens, found, i = tokenize(text), set(), 0
+    while i < len(tokens):
+        pair = "_".join(tokens[i:i + 2])
+        if pair in forms:
+            found.add(pair)
+            i += 2
+            continue
+        if tokens[i] in forms:
+            found.add(tokens[i])
+        i += 1
+    return found
+
+
 def mention_counts(hypotheses: list[str], references: list[list[str]], nouns: dict[str, set[str]],
                    min_refs: int = 2) -> dict[str, Counter]:
     """Per noun, Counter(hit, predicted, gold) over the images. An image's gold nouns are those that
@@ -157,9 +173,7 @@ def mention_counts(hypotheses: list[str], references: list[list[str]], nouns: di
     owner = {w: n for n, words in nouns.items() for w in words}
 
     def named(text: str) -> set[str]:
-        tokens = tokenize(text)
-        pairs = [f"{a}_{b}" for a, b in zip(tokens, tokens[1:])]  # a phrase's form: "tennis_ball"
-        return {owner[t] for t in tokens + pairs if t in owner}
+        return {owner[f] for f in named_forms(text, owner)}
 
     counts: dict[str, Counter] = {}
     for hyp, refs in zip(hypotheses, references):

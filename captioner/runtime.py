@@ -34,7 +34,7 @@ from .tags import Tagger
 from .vocab import Vocab
 
 FORMAT = "captioner-bundle"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 MANIFEST = "bundle.json"
 GRAPHS = ("encoder", "decoder_init", "decoder_step")
 TAGGER = ("tagger", "tag_mapping")  # the classifier (tagger.npz) and its noun mapping, when the encoder has one

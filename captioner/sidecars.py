@@ -444,10 +444,14 @@ def embed(path: str | Path, caption: str, tags: list[str], model: str, overwrite
 
 
 def tag_names(tags) -> list[str]:
-    """A row's keywords: its tags as JSONL holds them ([{"tag", "prob"}]) or as a CSV cell ("dog:0.8 ball:0.1")."""
+    """A row's keywords: its tags as JSONL holds them ([{"tag", "prob"}]) or as a CSV cell
+    ("tennis ball:0.8 dog:0.1": a tag may hold a space, so a pair ends at its number)."""
     if isinstance(tags, list):
         return [t["tag"] for t in tags]
-    return [pair.rpartition(":")[0] for pair in (tags or "").split()]
+    return _CSV_TAG.findall(tags or "")
+
+
+_CSV_TAG = re.compile(r"(\S.*?):[-+.\deE]+(?=\s|$)")
 
 
 # atomic_path's temporary files: the target's name, a dot, mkstemp's 8 characters, ".tmp".

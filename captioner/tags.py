@@ -23,9 +23,7 @@ TOP, MIN_PROB = 5, 0.05  # the keywords shown: at most TOP nouns, each at least 
 
 def _rows(path: str | Path) -> list[list[str]]:
     lines = Path(path).read_text(encoding="utf-8").splitlines()
-    header = lines[0].split("\t")
-    # A bundle exported before the kin column has the first five.
-    if header[:5] != ["index", "wnid", "name", "noun", "words"] or header[5:] not in ([], ["kin"]):
+    if lines[0].split("\t") != ["index", "wnid", "name", "noun", "words", "kin"]:
         raise ValueError(f"{path} is not an ImageNet noun mapping")
     return [line.split("\t") for line in lines[1:]]
 
@@ -37,8 +35,8 @@ def read_mapping(path: str | Path = MAPPING) -> list[tuple[str, list[str]]]:
 
 def read_kin(path: str | Path = MAPPING) -> dict[str, frozenset[str]]:
     """Noun -> its kin, the nouns that name the same kind of thing ("boat" -> canoe, sailboat, ship):
-    constraints.choose makes them one constraint. Empty for a mapping without the kin column."""
-    return {r[3]: frozenset(filter(None, r[5].split(","))) for r in _rows(path) if r[3] and len(r) > 5}
+    constraints.choose makes them one constraint."""
+    return {r[3]: frozenset(filter(None, r[5].split(","))) for r in _rows(path) if r[3]}
 
 
 @dataclass

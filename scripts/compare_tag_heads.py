@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from captioner import metrics
 from captioner.data import load_coco, load_flickr8k
 from captioner.encoders import build_encoder
 from captioner.inference import Captioner, imagenet_tagger
-from captioner.vocab import tokenize
 
 ROOT = Path(__file__).resolve().parents[1]
 SETS = {
@@ -44,7 +44,7 @@ def photos(name: str, root: Path, limit: int) -> tuple[list[Path], list[list[str
 
 def named_rate(nouns: np.ndarray, tagger, refs: list[list[str]]) -> float:
     """How often a photo's top noun has one of its words in at least one reference."""
-    hits = [bool(set(tagger.words[tagger.vocabulary[n]]) & {w for r in rs for w in tokenize(r)})
+    hits = [any(metrics.named_forms(r, set(tagger.words[tagger.vocabulary[n]])) for r in rs)
             for n, rs in zip(nouns, refs)]
     return round(float(np.mean(hits)), 3)
 

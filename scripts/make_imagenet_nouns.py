@@ -1,7 +1,7 @@
 """Write captioner/assets/imagenet_nouns.tsv: each ImageNet-1k class -> the everyday noun captions use.
 
     apt-get install -y wordnet-base          # WordNet 3.0 in /usr/share/wordnet
-    python scripts/make_imagenet_nouns.py    # rewrites the file; --check only compares
+    python scripts/make_imagenet_nouns.py    # rewrites the file and the shipped bundle's copy; --check only compares
 
 ImageNet-1k class ids are WordNet 3.0 noun offsets (scripts/imagenet_wnids.txt, in class-index
 order: the sorted wnids). For each class, in order:
@@ -14,13 +14,17 @@ order: the sorted wnids). For each class, in order:
      in GENERIC, the most frequent such word;
   4. else no noun (an empty cell): the class is dropped.
 Each noun gets its disjunctive word set for constrained decoding: its singular and plural forms
-that the vocabulary has (WordNet's irregular plurals, else the English suffix rules; a phrase's as
-"tennis_ball tennis_balls"); a novel noun gets both forms.
+that the vocabulary has (WordNet's irregular plurals, else the English suffix rules); a novel noun
+gets both forms, a phrase both as "tennis_ball tennis_balls". And its kin (kin() below): the nouns of
+the same kind, which guidance asks for as one constraint.
+The shipped bundle carries a copy (the torch-free runtime tags with it), written with its SHA-256.
 docs/guidance.md describes the method and where it fails.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import sys
 from collections import deque
 from pathlib import Path
@@ -30,6 +34,7 @@ WORDNET = Path("/usr/share/wordnet")
 WNIDS = ROOT / "scripts" / "imagenet_wnids.txt"
 OUTPUT = ROOT / "captioner" / "assets" / "imagenet_nouns.tsv"
 CHECKPOINT = ROOT / "captioner" / "assets" / "flickr8k_lite0.pt"
+BUNDLE = ROOT / "captioner" / "assets" / "flickr8k_lite0.bundle"
 HEADER = ("index", "wnid", "name", "noun", "words", "kin")
 
 # Nouns too generic to say what a photo shows, or whose caption sense is another ("wind" for a
@@ -63,7 +68,8 @@ NOVEL = {
     "radio", "printer", "sock", "hippopotamus", "kangaroo", "koala", "squash", "zucchini",
 }
 
-# Kin (below) meet at a hypernym at least this many links (its longest path) below WordNet's root.
+# Kin (below) meet at a hypernym at least this many links below WordNet's root: its distance from
+# the farthest of its own hypernyms (along each one's shortest hypernym path).
 KIN_DEPTH = 8
 
 # Classes whose everyday name is their own two-word lemma, where the one-word walk loses the thing
@@ -244,8 +250,8 @@ def ancestors(offset: int, synsets) -> dict[int, int]:
 def kin(nouns: dict[int, str], synsets) -> dict[str, list[str]]:
     """Noun -> the nouns of the mapping within two hypernym links of it ("boat" -> canoe, sailboat,
     ship) through a specific hypernym: one at least KIN_DEPTH links below WordNet's root (vessel,
-    canine, big cat, seat), not a broad one (container, device, covering: a bag and a spoon are not
-    one thing). A noun's senses are, per class it tags, the nearest synset up from the class that has
+    canine, big cat, seat), not a broad one (container, device, covering, garment: a bag and a spoon
+    are not one thing). A noun's senses are, per class it tags, the nearest synset up from the class that has
     the noun as a lemma (the class itself where none has: "car" for a grille)."""
     senses: dict[str, set[int]] = {}
     for offset, noun in nouns.items():
@@ -292,9 +298,10 @@ def build(folder: Path, wnids: list[str], vocab: list[str]) -> list[tuple[str, .
             noun = "dog"
         else:
             noun = walk(offset, synsets, rank)
-        # The forms the vocabulary has; a novel noun's forms all (for a vocabulary that transfer extends).
-        words = [w for w in forms(noun, irregular) + also if set(w.split("_")) <= known] or forms(noun, irregular) \
-            if noun else []
+        # The single words the vocabulary has (a novel noun's all, for a vocabulary that transfer extends);
+        # a phrase's forms all: they only count mentions, a constraint never asks for one.
+        candidates = forms(noun, irregular) + also if noun else []
+        words = [w for w in candidates if "_" in w or w in known] or candidates
         name = synsets[offset][0][0].replace("_", " ")
         rows.append([str(index), wnid, name, noun, " ".join(words)])
     kinds = kin({int(r[1][1:]): r[3] for r in rows if r[3]}, synsets)
@@ -315,11 +322,19 @@ def main() -> None:
 
     vocab = torch.load(CHECKPOINT, weights_only=True, map_location="cpu")["vocab"]["itos"]
     text = render(build(args.wordnet, WNIDS.read_text().split(), vocab))
+    manifest = json.loads((BUNDLE / "bundle.json").read_text())
+    copy = BUNDLE / manifest["files"]["tag_mapping"]["path"]
     if args.check:
-        same = args.output.exists() and args.output.read_text(encoding="utf-8") == text
-        print(f"{args.output}: {'up to date' if same else 'differs from what WordNet gives'}")
-        sys.exit(0 if same else 1)
+        for path in (args.output, copy):
+            same = path.exists() and path.read_text(encoding="utf-8") == text
+            print(f"{path}: {'up to date' if same else 'differs from what WordNet gives'}")
+            if not same:
+                sys.exit(1)
+        return
     args.output.write_text(text, encoding="utf-8")
+    copy.write_text(text, encoding="utf-8")
+    manifest["files"]["tag_mapping"]["sha256"] = hashlib.sha256(text.encode()).hexdigest()
+    (BUNDLE / "bundle.json").write_text(json.dumps(manifest, indent=1))  # as `captioner export` writes it
     mapped = sum(1 for line in text.splitlines()[1:] if line.split("\t")[3])
     print(f"wrote {args.output}: {mapped} of {len(text.splitlines()) - 1} classes mapped")
 

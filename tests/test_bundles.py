@@ -14,6 +14,7 @@ from live_server import server_process
 from captioner import bundles
 from captioner.files import DEFAULT_CHECKPOINT, file_sha256
 from captioner.runtime import OPTIONS, ROUTE, Runtime, read_manifest
+from captioner.tags import MAPPING
 
 # The child cannot import torch or torchvision: a caption served from the bundle must not need them.
 NO_TORCH = "import sys\nfor m in ('torch', 'torchvision'): sys.modules[m] = None\n"
@@ -87,6 +88,7 @@ def test_the_shipped_bundle_is_the_shipped_checkpoints():
 
     manifest = read_manifest(bundles.SHIPPED)  # every file's SHA-256 checked
     assert manifest["made_by"]["checkpoint_sha256"] == file_sha256(DEFAULT_CHECKPOINT)
+    assert (bundles.SHIPPED / manifest["files"]["tag_mapping"]["path"]).read_bytes() == MAPPING.read_bytes()
     by_torch = Captioner.load(device="cpu")
     assert manifest["vocab"] == by_torch.vocab.to_dict()
     assert {k: manifest["decode"][k] for k in OPTIONS + ROUTE} == {k: getattr(by_torch.config.decode, k)

@@ -143,6 +143,7 @@ def test_a_two_word_name_is_mentioned_by_its_words_in_a_row():
     counts = metrics.mention_counts(hyps, refs, metrics.object_nouns())
     assert counts["tennis ball"] == {"hit": 1, "predicted": 1, "gold": 2}  # "ball ... tennis" is not one
     assert counts["teddy bear"] == {"hit": 1, "predicted": 1, "gold": 1}  # its own one-word name counts too
+    assert "bear" not in counts  # a teddy bear is no bear
 
 
 # -- the human ceiling --------------------------------------------------------------------

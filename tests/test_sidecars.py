@@ -330,6 +330,15 @@ def test_sidecars_asked_for_later_come_from_the_table_without_captioning_again(c
     assert packet == ((folder / "coffee.jpg.xmp").read_bytes(), False)  # the CSV's caption and tags, exactly
 
 
+def test_a_two_word_tag_comes_back_whole_from_a_csv_table(tmp_path):
+    from captioner.results_file import OutputFile
+
+    out = OutputFile(tmp_path / "out.csv")
+    tags = [{"tag": "tennis ball", "prob": 0.8}, {"tag": "dog", "prob": 1e-05}]
+    out.append([{"image": "a.jpg", "caption": "a dog with a ball", "score": -1.0, "tags": tags}])
+    assert tag_names(out.rows()[0]["tags"]) == ["tennis ball", "dog"] == tag_names(tags)
+
+
 @pytest.mark.skipif(shutil.which("exiv2") is None, reason="exiv2 is not installed (Debian: exiv2)")
 def test_a_sidecar_exiv2_rewrote_still_reads_and_its_caption_is_still_captioners(tmp_path):
     """exiv2 (digiKam's library) reads the sidecar, and rewriting it folds everything into one

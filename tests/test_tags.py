@@ -63,12 +63,3 @@ def test_two_tags_of_one_kind_are_one_constraint_with_both_words_and_their_proba
     assert [ids for ids, _ in choose(probs, nouns, words, stoi, threshold=0.2, most=1, kin=kin)] == [(0, 1, 2, 3)]
     assert [ids for ids, _ in choose(probs, nouns, words, stoi, threshold=0.2, most=2)] == [(0, 1), (2, 3)]
 
-
-def test_a_mapping_without_the_kin_column_still_reads(tmp_path):
-    from captioner.tags import MAPPING, Tagger, read_kin, read_mapping
-
-    lines = MAPPING.read_text(encoding="utf-8").splitlines()
-    old = tmp_path / "imagenet_nouns.tsv"  # as a bundle exported before the column has it
-    old.write_text("".join("\t".join(line.split("\t")[:5]) + "\n" for line in lines), encoding="utf-8")
-    assert read_mapping(old) == read_mapping() and read_kin(old) == {}
-    assert Tagger.from_mapping(np.zeros((1000, 2)), np.zeros(1000), path=old).kin == {}
