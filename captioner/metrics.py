@@ -149,7 +149,8 @@ def object_nouns(path=MAPPING) -> dict[str, set[str]]:
 
 def named_forms(text: str, forms) -> set[str]:
     """The word forms of `forms` that a text names: its words, and two-word forms ("tennis_ball") by
-    their words in a row, which then name nothing else ("teddy bear" is no bear)."""
+    their words in a row, which then name nothing else ("teddy bear" is no bear, when `forms` has
+    "teddy_bear"; `named_nouns` gives every noun's forms at once)."""
     tokens, found, i = tokenize(text), set(), 0
     while i < len(tokens):
         pair = "_".join(tokens[i:i + 2])
@@ -163,6 +164,12 @@ def named_forms(text: str, forms) -> set[str]:
     return found
 
 
+def named_nouns(text: str, nouns: dict[str, set[str]] | dict[str, list[str]]) -> set[str]:
+    """The nouns a text names, of `nouns` (noun -> its word forms, as object_nouns or Tagger.words)."""
+    owner = {w: n for n, words in nouns.items() for w in words}
+    return {owner[f] for f in named_forms(text, owner)}
+
+
 def mention_counts(hypotheses: list[str], references: list[list[str]], nouns: dict[str, set[str]],
                    min_refs: int = 2) -> dict[str, Counter]:
     """Per noun, Counter(hit, predicted, gold) over the images. An image's gold nouns are those that
@@ -170,16 +177,11 @@ def mention_counts(hypotheses: list[str], references: list[list[str]], nouns: di
     those the hypothesis names; a hit is both."""
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} reference lists")
-    owner = {w: n for n, words in nouns.items() for w in words}
-
-    def named(text: str) -> set[str]:
-        return {owner[f] for f in named_forms(text, owner)}
-
     counts: dict[str, Counter] = {}
     for hyp, refs in zip(hypotheses, references):
-        votes = Counter(n for r in refs for n in named(r))
+        votes = Counter(n for r in refs for n in named_nouns(r, nouns))
         gold = {n for n, v in votes.items() if v >= min_refs}
-        predicted = named(hyp)
+        predicted = named_nouns(hyp, nouns)
         for n in gold | predicted:
             c = counts.setdefault(n, Counter())
             c.update(hit=int(n in gold and n in predicted), predicted=int(n in predicted), gold=int(n in gold))

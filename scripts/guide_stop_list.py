@@ -53,9 +53,9 @@ def main() -> None:
         for b, (tags, h1, h0) in enumerate(zip(cap.tag_features(feats), on, off)):
             if h1 != h0:
                 d = 100 * (cider.score(tokenize(h1), b) - cider.score(tokenize(h0), b))
+                said, before = (metrics.named_nouns(h, cap.tagger.words) for h in (h1, h0))
                 for t in tags:
-                    forms = set(cap.tagger.words.get(t["tag"], ()))
-                    if metrics.named_forms(h1, forms) and not metrics.named_forms(h0, forms):
+                    if t["tag"] in said - before:
                         change[t["tag"]].append(d)
     print("| noun | photos | CIDEr-D change, sum | mean |\n|---|---|---|---|")
     for noun, ds in sorted(change.items(), key=lambda kv: sum(kv[1])):

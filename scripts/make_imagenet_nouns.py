@@ -323,17 +323,20 @@ def main() -> None:
     vocab = torch.load(CHECKPOINT, weights_only=True, map_location="cpu")["vocab"]["itos"]
     text = render(build(args.wordnet, WNIDS.read_text().split(), vocab))
     manifest = json.loads((BUNDLE / "bundle.json").read_text())
-    copy = BUNDLE / manifest["files"]["tag_mapping"]["path"]
+    entry, sha = manifest["files"]["tag_mapping"], hashlib.sha256(text.encode()).hexdigest()
+    copy = BUNDLE / entry["path"]
     if args.check:
         for path in (args.output, copy):
             same = path.exists() and path.read_text(encoding="utf-8") == text
             print(f"{path}: {'up to date' if same else 'differs from what WordNet gives'}")
             if not same:
                 sys.exit(1)
+        if entry["sha256"] != sha:
+            sys.exit(f"{BUNDLE / 'bundle.json'}: the mapping's SHA-256 differs")
         return
     args.output.write_text(text, encoding="utf-8")
     copy.write_text(text, encoding="utf-8")
-    manifest["files"]["tag_mapping"]["sha256"] = hashlib.sha256(text.encode()).hexdigest()
+    entry["sha256"] = sha
     (BUNDLE / "bundle.json").write_text(json.dumps(manifest, indent=1))  # as `captioner export` writes it
     mapped = sum(1 for line in text.splitlines()[1:] if line.split("\t")[3])
     print(f"wrote {args.output}: {mapped} of {len(text.splitlines()) - 1} classes mapped")
