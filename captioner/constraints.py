@@ -55,9 +55,8 @@ def choose(noun_probs: np.ndarray, nouns: list[str], words: dict[str, list[str]]
         ids = tuple(sorted({vocab_ids[w] for w in words.get(nouns[i], ()) if w in vocab_ids}))
         if nouns[i] in stop or not ids:
             continue
-        same = [c for c, owner in enumerate(owners) if kin.get(nouns[i], frozenset()) & owner]
-        if same:
-            c = same[0]
+        c = next((c for c, owner in enumerate(owners) if kin.get(nouns[i], frozenset()) & owner), None)
+        if c is not None:
             out[c] = (tuple(sorted(set(out[c][0]) | set(ids))), out[c][1] + float(noun_probs[i]))
             owners[c].add(nouns[i])
         elif len(out) < most:

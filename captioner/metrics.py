@@ -150,7 +150,7 @@ def object_nouns(path=MAPPING) -> dict[str, set[str]]:
 def named_forms(text: str, forms) -> set[str]:
     """The word forms of `forms` that a text names: its words, and two-word forms ("tennis_ball") by
     their words in a row, which then name nothing else ("teddy bear" is no bear, when `forms` has
-    "teddy_bear"; `named_nouns` gives every noun's forms at once)."""
+    "teddy_bear"; `named_nouns` looks up every noun's forms at once)."""
     tokens, found, i = tokenize(text), set(), 0
     while i < len(tokens):
         pair = "_".join(tokens[i:i + 2])
@@ -164,9 +164,14 @@ def named_forms(text: str, forms) -> set[str]:
     return found
 
 
-def named_nouns(text: str, nouns: dict[str, set[str]] | dict[str, list[str]]) -> set[str]:
-    """The nouns a text names, of `nouns` (noun -> its word forms, as object_nouns or Tagger.words)."""
-    owner = {w: n for n, words in nouns.items() for w in words}
+def owners(nouns: dict[str, set[str]] | dict[str, list[str]]) -> dict[str, str]:
+    """Word form -> its noun, of `nouns` (noun -> its word forms, as object_nouns or Tagger.words):
+    made once, read by `named_nouns` for every text."""
+    return {w: n for n, words in nouns.items() for w in words}
+
+
+def named_nouns(text: str, owner: dict[str, str]) -> set[str]:
+    """The nouns a text names; `owner` is `owners(nouns)`."""
     return {owner[f] for f in named_forms(text, owner)}
 
 
@@ -177,11 +182,11 @@ def mention_counts(hypotheses: list[str], references: list[list[str]], nouns: di
     those the hypothesis names; a hit is both."""
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} reference lists")
-    counts: dict[str, Counter] = {}
+    owner, counts = owners(nouns), {}  # counts: noun -> Counter
     for hyp, refs in zip(hypotheses, references):
-        votes = Counter(n for r in refs for n in named_nouns(r, nouns))
+        votes = Counter(n for r in refs for n in named_nouns(r, owner))
         gold = {n for n, v in votes.items() if v >= min_refs}
-        predicted = named_nouns(hyp, nouns)
+        predicted = named_nouns(hyp, owner)
         for n in gold | predicted:
             c = counts.setdefault(n, Counter())
             c.update(hit=int(n in gold and n in predicted), predicted=int(n in predicted), gold=int(n in gold))

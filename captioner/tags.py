@@ -30,13 +30,21 @@ def _rows(path: str | Path) -> list[list[str]]:
 
 def read_mapping(path: str | Path = MAPPING) -> list[tuple[str, list[str]]]:
     """Per ImageNet class, in index order: (noun or "", its constraint words)."""
-    return [(r[3], r[4].split()) for r in _rows(path)]
+    return _mapping(_rows(path))
 
 
 def read_kin(path: str | Path = MAPPING) -> dict[str, frozenset[str]]:
     """Noun -> its kin, the nouns that name the same kind of thing ("boat" -> canoe, sailboat, ship):
     constraints.choose makes them one constraint."""
-    return {r[3]: frozenset(filter(None, r[5].split(","))) for r in _rows(path) if r[3]}
+    return _kin(_rows(path))
+
+
+def _mapping(rows: list[list[str]]) -> list[tuple[str, list[str]]]:
+    return [(r[3], r[4].split()) for r in rows]
+
+
+def _kin(rows: list[list[str]]) -> dict[str, frozenset[str]]:
+    return {r[3]: frozenset(filter(None, r[5].split(","))) for r in rows if r[3]}
 
 
 @dataclass
@@ -62,9 +70,10 @@ class Tagger:
 
     @classmethod
     def from_mapping(cls, weight, bias, regions: int = 1, path: str | Path = MAPPING) -> Tagger:
-        mapping = read_mapping(path)
+        rows = _rows(path)  # read once: the runtime builds its tagger at start-up
+        mapping = _mapping(rows)
         return cls(weight, bias, [noun for noun, _ in mapping], regions, {noun: ws for noun, ws in mapping if noun},
-                   read_kin(path))
+                   _kin(rows))
 
     def noun_probs(self, feats) -> np.ndarray:
         """Features (B, width) -> (B, len(vocabulary)) noun probabilities."""

@@ -44,8 +44,8 @@ def photos(name: str, root: Path, limit: int) -> tuple[list[Path], list[list[str
 
 def named_rate(nouns: np.ndarray, tagger, refs: list[list[str]]) -> float:
     """How often a photo's top noun has one of its words in at least one reference."""
-    hits = [any(tagger.vocabulary[n] in metrics.named_nouns(r, tagger.words) for r in rs)
-            for n, rs in zip(nouns, refs)]
+    owner = metrics.owners(tagger.words)
+    hits = [any(tagger.vocabulary[n] in metrics.named_nouns(r, owner) for r in rs) for n, rs in zip(nouns, refs)]
     return round(float(np.mean(hits)), 3)
 
 

@@ -42,7 +42,7 @@ def main() -> None:
     p.add_argument("--cache", type=Path, default=Path("/tmp/captioner_tune_guidance"))
     args = p.parse_args()
     cap = Captioner.load(args.checkpoint, device="cpu")
-    change = collections.defaultdict(list)
+    change, owner = collections.defaultdict(list), metrics.owners(cap.tagger.words)
     for name in DATASETS:
         feats, refs = features(cap, name, args.cache)
         on, off = guided_without_stop(cap, feats), decode_features(cap, feats, options=cap.options(guide="off"))
@@ -53,7 +53,7 @@ def main() -> None:
         for b, (tags, h1, h0) in enumerate(zip(cap.tag_features(feats), on, off)):
             if h1 != h0:
                 d = 100 * (cider.score(tokenize(h1), b) - cider.score(tokenize(h0), b))
-                said, before = (metrics.named_nouns(h, cap.tagger.words) for h in (h1, h0))
+                said, before = (metrics.named_nouns(h, owner) for h in (h1, h0))
                 for t in tags:
                     if t["tag"] in said - before:
                         change[t["tag"]].append(d)
